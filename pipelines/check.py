@@ -1,0 +1,161 @@
+"""`stxd-data check`: validate a nuScenes root (real or synthetic) and say precisely what is wrong."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
+
+TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
+          "log", "scene", "sample", "sample_data", "sample_annotation", "map")
+
+# (table, field, referenced table); '' is allowed for prev/next only.
+_FOREIGN_KEYS = (
+    ("sample", "scene_token", "scene"), ("sample", "prev", "sample"), ("sample", "next", "sample"),
+    ("sample_data", "sample_token", "sample"), ("sample_data", "ego_pose_token", "ego_pose"),
+    ("sample_data", "calibrated_sensor_token", "calibrated_sensor"),
+    ("sample_data", "prev", "sample_data"), ("sample_data", "next", "sample_data"),
+    ("sample_annotation", "sample_token", "sample"), ("sample_annotation", "instance_token", "instance"),
+    ("sample_annotation", "visibility_token", "visibility"),
+    ("sample_annotation", "prev", "sample_annotation"), ("sample_annotation", "next", "sample_annotation"),
+    ("instance", "category_token", "category"), ("instance", "first_annotation_token", "sample_annotation"),
+    ("instance", "last_annotation_token", "sample_annotation"),
+    ("calibrated_sensor", "sensor_token", "sensor"), ("scene", "log_token", "log"),
+    ("scene", "first_sample_token", "sample"), ("scene", "last_sample_token", "sample"),
+)
+
+
+@dataclass
+class CheckReport:
+    """Problems found (empty when the root is valid) and counts of what is there."""
+
+    root: Path
+    version: str
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+
+def check_root(dataroot: str | Path, version: str, *, check_files: bool = True,
+               progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> CheckReport:
+    """Validate tables, foreign keys, splits, referenced files and the devkit load of a root."""
+    root = Path(dataroot)
+    report = CheckReport(root=root, version=version)
+    table_dir = root / version
+    if not root.is_dir():
+        report.add(f"dataroot {root} does not exist")
+        return report
+    if not table_dir.is_dir():
+        report.add(f"no table folder {table_dir}: version {version!r} is not in this root")
+        return report
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for name in TABLES:
+        path = table_dir / f"{name}.json"
+        if not path.is_file():
+            report.add(f"table {path} is missing")
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            report.add(f"table {path} is not valid JSON: {exc}")
+            continue
+        if not isinstance(data, list):
+            report.add(f"table {path} holds a {type(data).__name__}, expected a list of records")
+            continue
+        tables[name] = data
+    if len(tables) < len(TABLES):
+        return report
+
+    tokens = {name: {r.get("token") for r in records} for name, records in tables.items()}
+    for table, key, target in _FOREIGN_KEYS:
+        dangling = [r for r in tables[table] if r.get(key, "") not in tokens[target]
+                    and not (key in ("prev", "next") and r.get(key) == "")]
+        if dangling:
+            report.add(f"{len(dangling)} {table} record(s) have a {key} that is not a {target} token, e.g. "
+                       f"{table} {dangling[0].get('token')} → {dangling[0].get(key)!r}")
+    attr_tokens = tokens["attribute"]
+    bad_attr = [r for r in tables["sample_annotation"] if any(a not in attr_tokens for a in r.get("attribute_tokens", []))]
+    if bad_attr:
+        report.add(f"{len(bad_attr)} sample_annotation record(s) name unknown attribute tokens, e.g. {bad_attr[0]['token']}")
+    mapped_logs = {t for m in tables["map"] for t in m.get("log_tokens", [])}
+    unmapped = [log["token"] for log in tables["log"] if log["token"] not in mapped_logs]
+    if unmapped:
+        report.add(f"{len(unmapped)} log(s) belong to no map record, e.g. {unmapped[0]}")
+    for record in tables["map"]:
+        if not (root / record.get("filename", "")).is_file():
+            report.add(f"map {record.get('token')}: file {root / record.get('filename', '')} is missing")
+
+    scene_names = {s["name"] for s in tables["scene"]}
+    splits_path = table_dir / "splits.json"
+    if splits_path.is_file():
+        try:
+            splits = json.loads(splits_path.read_text())
+            for split, names in splits.items():
+                unknown = [n for n in names if n not in scene_names]
+                if unknown:
+                    report.add(f"{splits_path}: split {split!r} names unknown scene(s) {', '.join(unknown[:5])}")
+            report.counts["splits"] = {k: len(v) for k, v in splits.items()}
+        except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+            report.add(f"{splits_path} is not a mapping of split name to scene names: {exc}")
+
+    if check_files:
+        records = tables["sample_data"]
+        for sd in (progress(records) if progress else records):
+            _check_file(root, sd, report)
+
+    if report.ok:
+        from pipelines.nuscenes import load_nuscenes
+
+        try:
+            load_nuscenes(root, version)
+        except Exception as exc:  # the devkit's own complaint, whatever its type
+            report.add(f"the devkit cannot load the root: {exc}")
+
+    categories = {c["token"]: c["name"] for c in tables["category"]}
+    instances = {i["token"]: categories.get(i["category_token"], "?") for i in tables["instance"]}
+    classes = Counter(CATEGORY_TO_CLASS.get(instances.get(a["instance_token"], ""), None)
+                      for a in tables["sample_annotation"])
+    report.counts.update({
+        "scenes": len(tables["scene"]), "samples": len(tables["sample"]),
+        "keyframes": sum(1 for sd in tables["sample_data"] if sd.get("is_key_frame")),
+        "sample_data": len(tables["sample_data"]), "annotations": len(tables["sample_annotation"]),
+        "instances": len(tables["instance"]),
+        "classes": {name: classes.get(name, 0) for name in DETECTION_CLASSES},
+    })
+    return report
+
+
+def _check_file(root: Path, sd: dict[str, Any], report: CheckReport) -> None:
+    path = root / sd.get("filename", "")
+    if not path.is_file():
+        report.add(f"sample_data {sd.get('token')}: file {path} is missing")
+        return
+    if sd.get("fileformat") == "pcd" and path.name.endswith(".pcd.bin"):
+        size = path.stat().st_size
+        if size == 0 or size % 20:
+            report.add(f"sample_data {sd.get('token')}: {path} has {size} bytes, expected a non-zero multiple "
+                       "of 20 (5 float32 per point)")
+    elif sd.get("fileformat") in ("jpg", "png"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except (UnidentifiedImageError, OSError) as exc:
+            report.add(f"sample_data {sd.get('token')}: {path} is not a readable image ({exc})")
+            return
+        expected = (sd.get("width"), sd.get("height"))
+        if size != expected:
+            report.add(f"sample_data {sd.get('token')}: {path} is {size[0]}x{size[1]}, the table says "
+                       f"{expected[0]}x{expected[1]}")

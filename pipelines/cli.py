@@ -1,0 +1,87 @@
+"""`stxd-data`: generate synthetic nuScenes-format roots and validate any nuScenes root."""
+
+from __future__ import annotations
+
+import click
+
+from pipelines.cli_support import StxdGroup, debug_option
+
+
+@click.group(cls=StxdGroup)
+@debug_option
+def main() -> None:
+    """Datasets for stxd: synthetic nuScenes-format roots, and checks of real or synthetic ones."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset root to write.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML with SynthConfig fields (e.g. configs/data/synth.yaml); flags below override it.")
+@click.option("--scenes", type=int, help="Number of scenes.")
+@click.option("--samples-per-scene", type=int, help="Keyframes per scene (0.5 s apart).")
+@click.option("--seed", type=int, help="Seed; the same seed gives byte-identical output.")
+@click.option("--image-size", type=(int, int), metavar="W H", help="Camera image width and height.")
+@click.option("--sweeps", type=int, help="LiDAR sweeps between two keyframes.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config field.")
+@click.option("--workers", type=int, default=None, help="Processes generating scenes (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already at --out.")
+def synth(out: str, config_path: str | None, scenes: int | None, samples_per_scene: int | None,
+          seed: int | None, image_size: tuple[int, int] | None, sweeps: int | None, overrides: tuple[str, ...],
+          workers: int | None, overwrite: bool) -> None:
+    """Write a synthetic nuScenes-format dataset that the real devkit loads and DetectionEval scores."""
+    from tqdm import tqdm
+
+    from pipelines.config import load_config, to_dict
+    from pipelines.synth import SynthConfig, generate
+
+    flags = {"scenes": scenes, "samples_per_scene": samples_per_scene, "seed": seed,
+             "image_size": list(image_size) if image_size else None, "sweeps": sweeps}
+    cfg = load_config(SynthConfig, config_path, overrides,
+                      base={k: v for k, v in flags.items() if v is not None})
+    bar = tqdm(total=cfg.scenes, unit="scene", desc="synth", disable=None)
+
+    def progress(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    summary = generate(cfg, out, workers=workers, overwrite=overwrite, progress=progress)
+    bar.close()
+    import yaml
+
+    (summary.root / summary.version / "synth_config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    train, val = cfg.split_scenes
+    click.echo(f"wrote {summary.root} ({summary.version}): {summary.scenes} scenes, {summary.samples} samples, "
+               f"{summary.annotations} annotations, {summary.bytes_on_disk / 2**20:.1f} MiB in "
+               f"{summary.seconds:.1f} s")
+    click.echo(f"splits: synth_train = {len(train)} scenes, synth_val = {len(val)} scenes")
+
+
+@main.command()
+@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root to validate.")
+@click.option("--version", default="v1.0-trainval", show_default=True, help="Table folder (e.g. v1.0-synth).")
+@click.option("--no-files", is_flag=True, help="Skip opening every referenced sensor file.")
+def check(dataroot: str, version: str, no_files: bool) -> None:
+    """Validate a nuScenes root: tables, links, splits, files; print counts and every problem."""
+    from tqdm import tqdm
+
+    from pipelines.check import check_root
+
+    report = check_root(dataroot, version, check_files=not no_files,
+                        progress=lambda it: tqdm(it, desc="files", unit="file", disable=None, leave=False))
+    counts = report.counts
+    if counts:
+        click.echo(f"{report.root} ({version}): {counts.get('scenes', 0)} scenes, {counts.get('samples', 0)} samples, "
+                   f"{counts.get('sample_data', 0)} sample_data ({counts.get('keyframes', 0)} keyframes), "
+                   f"{counts.get('annotations', 0)} annotations of {counts.get('instances', 0)} instances")
+        if "classes" in counts:
+            click.echo("annotations per class: " + ", ".join(f"{k} {v}" for k, v in counts["classes"].items()))
+        if "splits" in counts:
+            click.echo("splits: " + ", ".join(f"{k} ({v} scenes)" for k, v in counts["splits"].items()))
+    if report.ok:
+        click.echo("ok: the root is valid")
+        return
+    click.echo(f"{len(report.problems)} problem(s):", err=True)
+    for problem in report.problems[:200]:
+        click.echo(f"  - {problem}", err=True)
+    if len(report.problems) > 200:
+        click.echo(f"  … and {len(report.problems) - 200} more", err=True)
+    raise SystemExit(1)

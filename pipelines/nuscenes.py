@@ -1,0 +1,273 @@
+"""A scene-ordered index of nuScenes samples: the only module that reads devkit tables.
+
+`SampleIndex` turns a `NuScenes` object and split names into plain, picklable records: per sample its
+previous keyframes, LiDAR sweeps with their transforms into the keyframe LiDAR frame, six cameras
+with intrinsics and `lidar2img`, ego poses, and GT boxes in the box convention of `pipelines.boxes`.
+It works on real nuScenes (predefined splits) and on synthetic roots (custom splits in `splits.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
+from pipelines.errors import DatasetError, SplitError
+from pipelines.geometry import invert, transform_matrix
+
+if TYPE_CHECKING:
+    from nuscenes.nuscenes import NuScenes
+
+CAMERA_CHANNELS: tuple[str, ...] = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT",
+                                    "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A LiDAR frame (keyframe or sweep) and its transform into the keyframe LiDAR frame."""
+
+    path: str
+    timestamp: int                  # µs
+    time_lag: float                 # s, keyframe time minus this frame's time (>= 0)
+    to_keyframe_lidar: np.ndarray   # (4, 4) this sensor frame → keyframe LiDAR frame
+
+
+@dataclass(frozen=True)
+class CameraView:
+    """One camera of a sample. `lidar2img` maps keyframe-LiDAR points to pixels of the stored image."""
+
+    channel: str
+    path: str
+    size: tuple[int, int]           # width, height of the stored image
+    intrinsic: np.ndarray           # (3, 3)
+    lidar2cam: np.ndarray           # (4, 4) keyframe LiDAR frame → camera frame
+    ego2global: np.ndarray          # (4, 4) ego pose at the camera's timestamp
+
+    @property
+    def lidar2img(self) -> np.ndarray:
+        """(4, 4) projection: [u·z, v·z, z, 1] = lidar2img @ [x, y, z, 1]."""
+        k = np.eye(4)
+        k[:3, :3] = self.intrinsic
+        return k @ self.lidar2cam
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Annotated objects of a sample, in the keyframe LiDAR frame (detection classes only)."""
+
+    boxes: np.ndarray               # (N, 9) float32 [x, y, z, w, l, h, yaw, vx, vy]; NaN velocity → 0
+    labels: np.ndarray              # (N,) int64 indices into DETECTION_CLASSES
+    velocity_valid: np.ndarray      # (N,) bool: False where the devkit cannot estimate a velocity
+    attributes: tuple[str, ...]     # '' where the annotation has none
+    num_lidar_pts: np.ndarray       # (N,) int64
+    visibility: np.ndarray          # (N,) int64 in 1..4
+    instance_tokens: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [DETECTION_CLASSES[i] for i in self.labels]
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """Everything stxd needs about one keyframe, as plain arrays and paths."""
+
+    token: str
+    scene_token: str
+    scene_name: str
+    timestamp: int                  # µs
+    frame_index: int                # position in its scene, from 0
+    prev_tokens: tuple[str, ...]    # up to K previous keyframes, nearest first
+    lidar: Sweep                    # the keyframe LiDAR itself (time_lag 0, identity transform)
+    sweeps: tuple[Sweep, ...]       # previous non-key LiDAR frames, nearest first
+    lidar2ego: np.ndarray           # (4, 4)
+    ego2global: np.ndarray          # (4, 4) at the keyframe LiDAR timestamp
+    cameras: tuple[CameraView, ...]
+    gt: GroundTruth
+
+    @property
+    def lidar2global(self) -> np.ndarray:
+        return self.ego2global @ self.lidar2ego
+
+
+def split_scene_names(nusc: NuScenes, split: str) -> list[str]:
+    """Scene names of a predefined nuScenes split or of a custom split in `<version>/splits.json`."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    predefined = create_splits_scenes()
+    if split in predefined:
+        return list(predefined[split])
+    path = Path(nusc.dataroot) / nusc.version / "splits.json"
+    custom: dict[str, list[str]] = json.loads(path.read_text()) if path.is_file() else {}
+    if split not in custom:
+        raise SplitError(
+            f"unknown split {split!r} for {nusc.dataroot} ({nusc.version}); the predefined splits are "
+            f"{', '.join(sorted(predefined))}" + (f" and {path} defines {', '.join(sorted(custom))}" if custom
+                                                  else f", and there is no custom split file {path}")
+            + "; pass one of these names")
+    return list(custom[split])
+
+
+def load_nuscenes(dataroot: str | Path, version: str) -> NuScenes:
+    """Open a nuScenes root with the devkit, turning its assertions into clear errors."""
+    root = Path(dataroot)
+    if not root.is_dir():
+        raise DatasetError(f"dataroot {root} does not exist; pass the folder that holds samples/, sweeps/, "
+                           f"maps/ and {version}/ (make one with `stxd-data synth --out {root}`)")
+    table_dir = root / version
+    if not table_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "sample.json").is_file())
+        raise DatasetError(f"version {version!r} not found in {root}: there is no {table_dir}/; versions "
+                           f"present: {', '.join(found) or 'none'}; pass --version with one of them")
+    missing = [t for t in ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
+                           "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map")
+               if not (table_dir / f"{t}.json").is_file()]
+    if missing:
+        raise DatasetError(f"{table_dir} lacks the table(s) {', '.join(t + '.json' for t in missing)}; "
+                           "the root is incomplete, re-download or re-generate it")
+    from nuscenes.nuscenes import NuScenes
+
+    try:
+        return NuScenes(version=version, dataroot=str(root), verbose=False)
+    except (AssertionError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"the devkit cannot load {table_dir}: {type(exc).__name__}: {exc}; run "
+                           f"`stxd-data check --dataroot {root} --version {version}` for a full report") from None
+
+
+class SampleIndex(Sequence[SampleInfo]):
+    """Samples of the given splits in scene and time order, with K previous keyframes each."""
+
+    def __init__(self, samples: Sequence[SampleInfo], *, dataroot: str, version: str,
+                 splits: tuple[str, ...]) -> None:
+        self._samples = list(samples)
+        self._by_token = {s.token: i for i, s in enumerate(self._samples)}
+        self.dataroot = dataroot
+        self.version = version
+        self.splits = splits
+
+    @classmethod
+    def from_nuscenes(cls, nusc: NuScenes, splits: Sequence[str], *, k_prev: int = 3,
+                      max_sweeps: int = 10) -> SampleIndex:
+        """Index `splits` of `nusc`.
+
+        Args:
+            nusc: a loaded devkit object.
+            splits: split names, predefined (`train`, `val`, `mini_val`, …) or from `splits.json`.
+            k_prev: previous keyframes listed per sample.
+            max_sweeps: previous non-key LiDAR frames listed per sample.
+        """
+        scene_names: set[str] = set()
+        for split in splits:
+            scene_names.update(split_scene_names(nusc, split))
+        samples: list[SampleInfo] = []
+        for scene in nusc.scene:
+            if scene["name"] not in scene_names:
+                continue
+            token, history = scene["first_sample_token"], []
+            while token:
+                sample = nusc.get("sample", token)
+                samples.append(_sample_info(nusc, sample, scene, len(history), tuple(history[::-1][:k_prev]),
+                                            max_sweeps))
+                history.append(token)
+                token = sample["next"]
+        return cls(samples, dataroot=nusc.dataroot, version=nusc.version, splits=tuple(splits))
+
+    @classmethod
+    def load(cls, dataroot: str | Path, version: str, splits: Sequence[str], **kwargs: int) -> SampleIndex:
+        """Open the root with the devkit and index `splits`."""
+        return cls.from_nuscenes(load_nuscenes(dataroot, version), splits, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, i: int) -> SampleInfo:  # type: ignore[override]
+        return self._samples[i]
+
+    def __iter__(self) -> Iterator[SampleInfo]:
+        return iter(self._samples)
+
+    def index_of(self, token: str) -> int:
+        """Position of a sample token; a DatasetError names the token if it is not indexed."""
+        if token not in self._by_token:
+            raise DatasetError(f"sample {token} is not in the index of splits {', '.join(self.splits)} "
+                               f"of {self.dataroot} ({self.version})")
+        return self._by_token[token]
+
+    def get(self, token: str) -> SampleInfo:
+        return self._samples[self.index_of(token)]
+
+    @property
+    def tokens(self) -> list[str]:
+        return [s.token for s in self._samples]
+
+
+def _pose(nusc: NuScenes, sd: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(sensor2ego, ego2global) of a sample_data record."""
+    cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+    ep = nusc.get("ego_pose", sd["ego_pose_token"])
+    return transform_matrix(cs["translation"], cs["rotation"]), transform_matrix(ep["translation"], ep["rotation"])
+
+
+def _sample_info(nusc: NuScenes, sample: dict, scene: dict, frame_index: int, prev: tuple[str, ...],
+                 max_sweeps: int) -> SampleInfo:
+    root = Path(nusc.dataroot)
+    lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    lidar2ego, ego2global = _pose(nusc, lidar_sd)
+    global2lidar = invert(ego2global @ lidar2ego)
+    keyframe = Sweep(path=str(root / lidar_sd["filename"]), timestamp=lidar_sd["timestamp"], time_lag=0.0,
+                     to_keyframe_lidar=np.eye(4))
+    sweeps: list[Sweep] = []
+    sd = lidar_sd
+    while sd["prev"] and len(sweeps) < max_sweeps:
+        sd = nusc.get("sample_data", sd["prev"])
+        s2e, e2g = _pose(nusc, sd)
+        sweeps.append(Sweep(path=str(root / sd["filename"]), timestamp=sd["timestamp"],
+                            time_lag=(lidar_sd["timestamp"] - sd["timestamp"]) * 1e-6,
+                            to_keyframe_lidar=global2lidar @ e2g @ s2e))
+    cameras = []
+    for channel in CAMERA_CHANNELS:
+        if channel not in sample["data"]:
+            raise DatasetError(f"sample {sample['token']} (scene {scene['name']}) has no {channel} image; "
+                               "stxd needs all six cameras")
+        cam_sd = nusc.get("sample_data", sample["data"][channel])
+        cam2ego, cam_e2g = _pose(nusc, cam_sd)
+        cs = nusc.get("calibrated_sensor", cam_sd["calibrated_sensor_token"])
+        cameras.append(CameraView(channel=channel, path=str(root / cam_sd["filename"]),
+                                  size=(int(cam_sd["width"]), int(cam_sd["height"])),
+                                  intrinsic=np.asarray(cs["camera_intrinsic"], dtype=np.float64),
+                                  lidar2cam=invert(cam_e2g @ cam2ego) @ ego2global @ lidar2ego,
+                                  ego2global=cam_e2g))
+    return SampleInfo(token=sample["token"], scene_token=scene["token"], scene_name=scene["name"],
+                      timestamp=sample["timestamp"], frame_index=frame_index, prev_tokens=prev, lidar=keyframe,
+                      sweeps=tuple(sweeps), lidar2ego=lidar2ego, ego2global=ego2global, cameras=tuple(cameras),
+                      gt=_ground_truth(nusc, sample, lidar2ego, ego2global))
+
+
+def _ground_truth(nusc: NuScenes, sample: dict, lidar2ego: np.ndarray, ego2global: np.ndarray) -> GroundTruth:
+    from pipelines.boxes import boxes_from_global
+
+    boxes, labels, attrs, pts, vis, inst = [], [], [], [], [], []
+    for ann_token in sample["anns"]:
+        ann = nusc.get("sample_annotation", ann_token)
+        name = CATEGORY_TO_CLASS.get(ann["category_name"])
+        if name is None:
+            continue
+        box = nusc.get_box(ann_token)
+        box.velocity = nusc.box_velocity(ann_token)
+        boxes.append(box)
+        labels.append(DETECTION_CLASSES.index(name))
+        attrs.append(nusc.get("attribute", ann["attribute_tokens"][0])["name"] if ann["attribute_tokens"] else "")
+        pts.append(ann["num_lidar_pts"])
+        vis.append(int(ann["visibility_token"]) if str(ann["visibility_token"]).isdigit() else 0)
+        inst.append(ann["instance_token"])
+    arr = boxes_from_global(boxes, lidar2ego, ego2global)
+    valid = np.all(np.isfinite(arr[:, 7:9]), axis=1)
+    arr[:, 7:9] = np.where(valid[:, None], arr[:, 7:9], 0.0)
+    return GroundTruth(boxes=arr.astype(np.float32), labels=np.asarray(labels, dtype=np.int64),
+                       velocity_valid=valid, attributes=tuple(attrs), num_lidar_pts=np.asarray(pts, dtype=np.int64),
+                       visibility=np.asarray(vis, dtype=np.int64), instance_tokens=tuple(inst))

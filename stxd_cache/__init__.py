@@ -1,0 +1,1 @@
+"""Stage one of stxd: the LiDAR teacher and the offline Zarr cache of its features and boxes."""

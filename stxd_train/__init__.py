@@ -1,0 +1,1 @@
+"""Stage two of stxd: camera students trained with STXD distillation from the teacher cache."""
