@@ -84,7 +84,7 @@ class SampleInfo:
     frame_index: int                # position in its scene, from 0
     prev_tokens: tuple[str, ...]    # up to K previous keyframes, nearest first
     lidar: Sweep                    # the keyframe LiDAR itself (time_lag 0, identity transform)
-    sweeps: tuple[Sweep, ...]       # previous non-key LiDAR frames, nearest first
+    sweeps: tuple[Sweep, ...]       # earlier LiDAR frames (sweeps and keyframes), nearest first
     lidar2ego: np.ndarray           # (4, 4)
     ego2global: np.ndarray          # (4, 4) at the keyframe LiDAR timestamp
     cameras: tuple[CameraView, ...]
@@ -159,7 +159,7 @@ class SampleIndex(Sequence[SampleInfo]):
             nusc: a loaded devkit object.
             splits: split names, predefined (`train`, `val`, `mini_val`, …) or from `splits.json`.
             k_prev: previous keyframes listed per sample.
-            max_sweeps: previous non-key LiDAR frames listed per sample.
+            max_sweeps: earlier LiDAR frames listed per sample (sweeps and keyframes, as mmdet3d does).
         """
         scene_names: set[str] = set()
         for split in splits:

@@ -44,9 +44,10 @@ class SynthConfig:
         return 500_000
 
     @property
-    def sweep_interval_us(self) -> int:
-        """Time between consecutive LiDAR frames (keyframes and sweeps)."""
-        return self.keyframe_interval_us // (self.sweeps + 1)
+    def sweep_lags_us(self) -> tuple[int, ...]:
+        """How long before its keyframe each sweep is taken, nearest first, evenly spaced."""
+        n = self.sweeps + 1
+        return tuple(round(j * self.keyframe_interval_us / n) for j in range(1, n))
 
     @property
     def split_scenes(self) -> tuple[list[int], list[int]]:

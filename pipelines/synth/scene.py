@@ -55,14 +55,14 @@ def simulate(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, list[dic
     reach = 90.0 + 14.0 * duration
     s_lo = float(np.interp(0.0, ego.t, ego.s)) - reach
     s_hi = float(np.interp(duration, ego.t, ego.s)) + reach
-    actors = world.populate(rng_world, (s_lo, s_hi), ego.max_speed, s_start)
+    actors = world.populate(rng_world, (s_lo, s_hi), ego.max_speed,
+                             (s_start, float(np.interp(duration, ego.t, ego.s))))
 
     # frame times (s from the first keyframe): K sweeps before each keyframe, then the keyframe
-    step_us = cfg.sweep_interval_us
     frames: list[tuple[int, int, bool]] = []   # (keyframe index, time µs, is keyframe)
     for k in range(n_key):
         key_us = k * cfg.keyframe_interval_us
-        frames += [(k, key_us - cfg.keyframe_interval_us + j * step_us, False) for j in range(1, cfg.sweeps + 1)]
+        frames += [(k, key_us - lag, False) for lag in reversed(cfg.sweep_lags_us)]
         frames.append((k, key_us, True))
 
     # keep actors that come near the ego; shift the world into positive map coordinates

@@ -235,8 +235,12 @@ class _Placer:
 
 
 def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_speed: float,
-             ego_s0: float) -> list[Actor]:
-    """Random actors of all 10 classes on the road tracks over `s_range` (arc length at t = 0)."""
+             ego_path: tuple[float, float]) -> list[Actor]:
+    """Random actors on the road tracks over `s_range` (arc length at t = 0).
+
+    One static actor of every detection class is placed first beside the ego's path
+    (`ego_path` = its first and last arc length, ±25 m), so that every scene shows all 10 classes.
+    """
     actors: list[Actor] = []
     lo, hi = s_range
 
@@ -256,6 +260,35 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
         n = rng.poisson(density_per_100m * (hi - lo) / 100.0)
         return np.sort(rng.uniform(lo, hi, size=n))
 
+    parking = {side: (Track(d=side * 10.0, direction=1, speed=0.0), _Placer()) for side in (-1, 1)}
+    curb = {side: (Track(d=side * 12.3, direction=1, speed=0.0), _Placer()) for side in (-1, 1)}
+
+    def add_parked(name: str, side: int, s: float, on_curb: bool = True) -> bool:
+        """A static actor: vehicles and barriers in the parking strip, the rest at the curb (or in the
+        strip too, with `on_curb=False`)."""
+        if name in ("traffic_cone", "pedestrian", "bicycle", "motorcycle"):
+            track, placer = curb[side] if on_curb else parking[side]
+            if name == "pedestrian":
+                return add(name, track, s, placer, yaw_offset=float(rng.uniform(-np.pi, np.pi)),
+                           attribute="pedestrian.standing", gap=0.4)
+            if name == "traffic_cone":
+                return add(name, track, s, placer, yaw_offset=float(rng.uniform(-3, 3)), gap=0.4)
+            return add(name, track, s, placer, yaw_offset=float(rng.normal(np.pi / 2, 0.1)),
+                       attribute="cycle.without_rider", gap=0.3)
+        track, placer = parking[side]
+        if name == "barrier":
+            return add(name, track, s, placer, yaw_offset=np.pi / 2, gap=0.3)
+        flip = np.pi if rng.random() < 0.15 else 0.0
+        return add(name, track, s, placer, yaw_offset=flip + float(rng.normal(0.0, 0.03)),
+                   attribute="vehicle.parked", gap=0.8)
+
+    for name in DETECTION_CLASSES:
+        for _ in range(60):
+            # in the parking strip, where parked cars cannot hide it from the ego's sensors
+            if add_parked(name, int(rng.choice([-1, 1])), float(rng.uniform(ego_path[0] - 25, ego_path[1] + 25)),
+                          on_curb=False):
+                break
+
     # Driving lanes: the passing lane and the two oncoming lanes; the ego lane only ahead of the ego,
     # faster than the ego ever drives, so nothing ever runs into it.
     lanes = [
@@ -267,13 +300,13 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
     for track in lanes:
         placer = _Placer()
         for s in spots(2.6):
-            if track.d == EGO_LANE and s < ego_s0 + 18.0:
+            if track.d == EGO_LANE and s < ego_path[0] + 18.0:
                 continue
             name = _pick(rng, _LANE_MIX)
             moving = track.speed > 0
-            add(name, track, s, placer, attribute="vehicle.moving" if moving else "vehicle.stopped",
-                gap=4.0 if moving else 1.5)
-            if name == "motorcycle":
+            added = add(name, track, s, placer, attribute="vehicle.moving" if moving else "vehicle.stopped",
+                        gap=4.0 if moving else 1.5)
+            if added and name == "motorcycle":
                 actors[-1] = _with_rider(actors[-1])
     # Bike lanes: cyclists riding with the traffic on their side.
     for side in (-1, 1):
@@ -284,8 +317,7 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
                 actors[-1] = _with_rider(actors[-1])
     # Parking strips: parked vehicles, rows of barriers, groups of cones.
     for side in (-1, 1):
-        track = Track(d=side * 10.0, direction=1, speed=0.0)
-        placer = _Placer()
+        track, placer = parking[side]
         for s in spots(9.0):
             name = _pick(rng, _PARKING_MIX)
             if name == "barrier":
@@ -298,23 +330,11 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
                     add("traffic_cone", track, s + k * 2.0, placer, yaw_offset=float(rng.uniform(-3, 3)),
                         gap=0.3)
             else:
-                flip = np.pi if rng.random() < 0.15 else 0.0
-                add(name, track, s, placer, yaw_offset=flip + float(rng.normal(0.0, 0.03)),
-                    attribute="vehicle.parked", gap=0.8)
-    # Sidewalks: standing people and parked cycles at the curb, walkers on two tracks each side.
+                add_parked(name, side, s)
+    # Sidewalks: standing people, cones and parked cycles at the curb, walkers on two tracks each side.
     for side in (-1, 1):
-        curb = Track(d=side * 12.3, direction=1, speed=0.0)
-        placer = _Placer()
         for s in spots(6.0):
-            name = _pick(rng, _CURB_MIX)
-            if name == "pedestrian":
-                add(name, curb, s, placer, yaw_offset=float(rng.uniform(-np.pi, np.pi)),
-                    attribute="pedestrian.standing", gap=0.4)
-            elif name == "traffic_cone":
-                add(name, curb, s, placer, yaw_offset=float(rng.uniform(-3, 3)), gap=0.4)
-            else:
-                add(name, curb, s, placer, yaw_offset=float(rng.normal(np.pi / 2, 0.1)),
-                    attribute="cycle.without_rider", gap=0.3)
+            add_parked(_pick(rng, _CURB_MIX), side, s)
         for d, direction in ((13.3, 1), (14.3, -1)):
             walk = Track(d=side * d, direction=direction, speed=float(rng.uniform(0.9, 1.7)))
             placer = _Placer()

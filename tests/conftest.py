@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny synthetic nuScenes root per test session, loaded with the real devkit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.synth import SynthConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "data" / "synth_tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def synth_cfg() -> SynthConfig:
+    return load_config(SynthConfig, TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory, synth_cfg: SynthConfig) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(synth_cfg, root, workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def nusc(synth_root: Path, synth_cfg: SynthConfig):
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version=synth_cfg.version, dataroot=str(synth_root), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def val_index(nusc):
+    from pipelines.nuscenes import SampleIndex
+
+    return SampleIndex.from_nuscenes(nusc, ["synth_val"], k_prev=3)
+
+
+@pytest.fixture(scope="session")
+def train_index(nusc):
+    from pipelines.nuscenes import SampleIndex
+
+    return SampleIndex.from_nuscenes(nusc, ["synth_train"], k_prev=3)
