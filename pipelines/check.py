@@ -85,9 +85,11 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True,
             report.add(f"{len(dangling)} {table} record(s) have a {key} that is not a {target} token, e.g. "
                        f"{table} {dangling[0].get('token')} → {dangling[0].get(key)!r}")
     attr_tokens = tokens["attribute"]
-    bad_attr = [r for r in tables["sample_annotation"] if any(a not in attr_tokens for a in r.get("attribute_tokens", []))]
+    bad_attr = [r for r in tables["sample_annotation"]
+                if any(a not in attr_tokens for a in r.get("attribute_tokens", []))]
     if bad_attr:
-        report.add(f"{len(bad_attr)} sample_annotation record(s) name unknown attribute tokens, e.g. {bad_attr[0]['token']}")
+        report.add(f"{len(bad_attr)} sample_annotation record(s) name unknown attribute tokens, "
+                   f"e.g. {bad_attr[0]['token']}")
     mapped_logs = {t for m in tables["map"] for t in m.get("log_tokens", [])}
     unmapped = [log["token"] for log in tables["log"] if log["token"] not in mapped_logs]
     if unmapped:

@@ -4,6 +4,7 @@ to disk as LiDAR `.pcd.bin` files, camera JPEGs and a map PNG, and returned as d
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def _link(records: list[dict[str, Any]], chains: list[list[str]]) -> None:
     """Fill `prev`/`next` of sample_data records along each sensor's chain of tokens."""
     by_token = {r["token"]: r for r in records}
     for chain in chains:
-        for a, b in zip(chain[:-1], chain[1:], strict=True):
+        for a, b in itertools.pairwise(chain):
             by_token[a]["next"] = b
             by_token[b]["prev"] = a
 

@@ -71,7 +71,7 @@ class Road:
                 radius = rng.uniform(45.0, 140.0)
                 seg = radius * np.deg2rad(rng.uniform(20.0, 75.0))
                 kappa = rng.choice([-1.0, 1.0]) / radius
-            n = max(1, int(round(seg / ds)))
+            n = max(1, round(seg / ds))
             curvature.append(np.full(n, kappa))
             total += n * ds
             straight = not straight if rng.random() < 0.8 else straight
@@ -193,9 +193,8 @@ def _jitter(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _size(rng: np.random.Generator, class_name: str) -> tuple[float, float, float]:
-    w, l, h = CLASS_SIZES[class_name]
     scale = rng.uniform(0.9, 1.1, size=3)
-    return (float(w * scale[0]), float(l * scale[1]), float(h * scale[2]))
+    return tuple(float(v) for v in np.array(CLASS_SIZES[class_name]) * scale)  # type: ignore[return-value]
 
 
 _CATEGORY = {
@@ -345,8 +344,8 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
 
 def _with_rider(actor: Actor) -> Actor:
     """A cycle ridden by a person: the box includes the rider, as nuScenes annotates it."""
-    w, l, _ = actor.size
+    width, length, _ = actor.size
     return Actor(ident=actor.ident, class_name=actor.class_name, category=actor.category,
-                 size=(w, l, RIDER_HEIGHT * float(np.clip(actor.size[2] / 1.4, 0.95, 1.05))),
+                 size=(width, length, RIDER_HEIGHT * float(np.clip(actor.size[2] / 1.4, 0.95, 1.05))),
                  track=actor.track, s0=actor.s0, yaw_offset=actor.yaw_offset,
                  attribute="cycle.with_rider", color_jitter=actor.color_jitter)

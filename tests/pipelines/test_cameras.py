@@ -36,7 +36,7 @@ def test_missing_image_is_named(val_index, tmp_path: Path) -> None:
     copy = tmp_path / "front.jpg"
     shutil.copy(cams[0].path, copy)
     cams[0] = replace(cams[0], path=str(tmp_path / "absent.jpg"))
-    with pytest.raises(SensorFileError, match="absent.jpg is missing"):
+    with pytest.raises(SensorFileError, match=r"absent\.jpg is missing"):
         load_cameras(replace(sample, cameras=tuple(cams)))
     copy.write_bytes(b"not a jpeg")
     cams[0] = replace(cams[0], path=str(copy))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from pipelines.synth.palette import class_of_hue
 
 def test_order_and_previous_keyframes(nusc, train_index, synth_cfg) -> None:
     assert len(train_index) == len(synth_cfg.split_scenes[0]) * synth_cfg.samples_per_scene
-    for prev, cur in zip(train_index[:-1], train_index[1:], strict=True):
+    for prev, cur in itertools.pairwise(train_index):
         if prev.scene_token == cur.scene_token:
             assert cur.timestamp > prev.timestamp
             assert cur.frame_index == prev.frame_index + 1
