@@ -26,11 +26,11 @@ lint: venv
 	$(BIN)/ruff check .
 
 demo: venv
-	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data
+	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(DEMO_OUT)/data --version v1.0-synth
 
 smoke: venv
-	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data
+	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(OUT)/data --version v1.0-synth
 
 clean:

@@ -25,13 +25,14 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config field.")
 @click.option("--workers", type=int, default=None, help="Processes generating scenes (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at --out.")
+@click.option("--reuse", is_flag=True, help="Keep a complete dataset at --out generated from the same config.")
 def synth(out: str, config_path: str | None, scenes: int | None, samples_per_scene: int | None,
           seed: int | None, image_size: tuple[int, int] | None, sweeps: int | None, overrides: tuple[str, ...],
-          workers: int | None, overwrite: bool) -> None:
+          workers: int | None, overwrite: bool, reuse: bool) -> None:
     """Write a synthetic nuScenes-format dataset that the real devkit loads and DetectionEval scores."""
     from tqdm import tqdm
 
-    from pipelines.config import load_config, to_dict
+    from pipelines.config import load_config
     from pipelines.synth import SynthConfig, generate
 
     flags = {"scenes": scenes, "samples_per_scene": samples_per_scene, "seed": seed,
@@ -43,13 +44,11 @@ def synth(out: str, config_path: str | None, scenes: int | None, samples_per_sce
     def progress(done: int, _total: int) -> None:
         bar.update(done - bar.n)
 
-    summary = generate(cfg, out, workers=workers, overwrite=overwrite, progress=progress)
+    summary = generate(cfg, out, workers=workers, overwrite=overwrite, reuse=reuse, progress=progress)
     bar.close()
-    import yaml
-
-    (summary.root / summary.version / "synth_config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     train, val = cfg.split_scenes
-    click.echo(f"wrote {summary.root} ({summary.version}): {summary.scenes} scenes, {summary.samples} samples, "
+    verb = "wrote" if bar.n else "kept"
+    click.echo(f"{verb} {summary.root} ({summary.version}): {summary.scenes} scenes, {summary.samples} samples, "
                f"{summary.annotations} annotations, {summary.bytes_on_disk / 2**20:.1f} MiB in "
                f"{summary.seconds:.1f} s")
     click.echo(f"splits: synth_train = {len(train)} scenes, synth_val = {len(val)} scenes")
@@ -85,3 +84,36 @@ def check(dataroot: str, version: str, no_files: bool) -> None:
     if len(report.problems) > 200:
         click.echo(f"  … and {len(report.problems) - 200} more", err=True)
     raise SystemExit(1)
+
+
+@main.command()
+@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
+@click.option("--version", default="v1.0-trainval", show_default=True, help="Table folder (e.g. v1.0-synth).")
+@click.option("--splits", default="train,val", show_default=True,
+              help="Comma-separated split names: predefined (train, val, mini_val, …) or from splits.json.")
+@click.option("--load/--no-load", default=False, show_default=True,
+              help="Also read every sample's LiDAR sweeps and six images through the data layer.")
+@click.option("--sweeps", default=10, show_default=True, help="LiDAR frames per sample when loading.")
+def index(dataroot: str, version: str, splits: str, load: bool, sweeps: int) -> None:
+    """Index splits of a root as stxd sees them (samples, history, sweeps, GT) and optionally read them all."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from pipelines.cameras import load_cameras
+    from pipelines.lidar import load_sweeps
+    from pipelines.nuscenes import SampleIndex
+
+    names = [s for s in splits.split(",") if s]
+    idx = SampleIndex.load(dataroot, version, names)
+    scenes = len({s.scene_token for s in idx})
+    boxes = np.array([len(s.gt.boxes) for s in idx]) if len(idx) else np.zeros(1)
+    click.echo(f"{', '.join(names)}: {len(idx)} samples in {scenes} scenes; GT boxes per sample: mean "
+               f"{boxes.mean():.1f}, max {boxes.max()}; sweeps per sample: mean "
+               f"{np.mean([len(s.sweeps) for s in idx] or [0]):.1f}")
+    if load:
+        points = 0
+        for sample in tqdm(idx, desc="load", unit="sample", disable=None):
+            points += len(load_sweeps(sample, num_sweeps=sweeps))
+            load_cameras(sample)
+        click.echo(f"read {len(idx)} samples: {points / max(len(idx), 1):.0f} points per sample "
+                   f"({sweeps} frames), 6 images each")

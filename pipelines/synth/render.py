@@ -120,7 +120,7 @@ def _shade_boxes(boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, owne
     label = labels[owner]
     height = boxes[owner, 5]
     zf = local[:, 2] / height + 0.5                      # 0 at the bottom, 1 at the top
-    xf = local[:, 0] / boxes[owner, 4] + 0.5             # 0 at the rear, 1 at the front
+    yf = local[:, 1] / boxes[owner, 3] + 0.5             # 0 on the right side, 1 on the left
     side = face < 4
     vehicle = np.isin(label, _VEHICLE_LABELS)
     base = np.where((vehicle & side & (zf > 0.68))[:, None], 0.3 * base + np.array([38.0, 44.0, 56.0]), base)
@@ -131,7 +131,7 @@ def _shade_boxes(boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, owne
     rider = np.isin(label, _CYCLE_LABELS) & (height > 1.6) & (zf > 0.62)
     base = np.where(rider[:, None], np.array([64.0, 62.0, 70.0]), base)
     base = np.where(((label == _CONE) & (zf > 0.62) & (zf < 0.74))[:, None], 235.0, base)
-    stripes = (label == _BARRIER) & (np.mod(np.floor(xf * 5), 2) == 1)
+    stripes = (label == _BARRIER) & (np.mod(np.floor(yf * 5), 2) == 1)   # along a barrier's long side
     base = np.where(stripes[:, None], 0.6 * base, base)
     return base * light[:, None]
 

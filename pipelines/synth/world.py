@@ -205,11 +205,11 @@ _CATEGORY = {
 }
 
 # Class mixes per kind of track; the densities below give roughly nuScenes' class frequencies.
-_LANE_MIX = {"car": 0.72, "truck": 0.13, "bus": 0.05, "trailer": 0.03, "construction_vehicle": 0.03,
-             "motorcycle": 0.04}
-_PARKING_MIX = {"car": 0.52, "truck": 0.1, "trailer": 0.05, "construction_vehicle": 0.04, "bus": 0.03,
-                "barrier": 0.16, "traffic_cone": 0.1}
-_CURB_MIX = {"pedestrian": 0.45, "bicycle": 0.2, "motorcycle": 0.15, "traffic_cone": 0.2}
+_LANE_MIX = {"car": 0.72, "truck": 0.16, "bus": 0.04, "trailer": 0.03, "construction_vehicle": 0.03,
+             "motorcycle": 0.02}
+_PARKING_MIX = {"car": 0.64, "truck": 0.12, "trailer": 0.04, "construction_vehicle": 0.04, "bus": 0.02,
+                "barrier": 0.09, "traffic_cone": 0.05}
+_CURB_MIX = {"pedestrian": 0.6, "bicycle": 0.12, "motorcycle": 0.08, "traffic_cone": 0.2}
 _BIKE_MIX = {"bicycle": 0.55, "motorcycle": 0.45}
 
 
@@ -298,7 +298,7 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
     ]
     for track in lanes:
         placer = _Placer()
-        for s in spots(2.6):
+        for s in spots(5.5):
             if track.d == EGO_LANE and s < ego_path[0] + 18.0:
                 continue
             name = _pick(rng, _LANE_MIX)
@@ -311,33 +311,33 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
     for side in (-1, 1):
         track = Track(d=side * 7.75, direction=-side, speed=float(rng.uniform(3.0, 7.0)))
         placer = _Placer()
-        for s in spots(1.2):
+        for s in spots(0.5):
             if add(_pick(rng, _BIKE_MIX), track, s, placer, gap=2.0):
                 actors[-1] = _with_rider(actors[-1])
     # Parking strips: parked vehicles, rows of barriers, groups of cones.
     for side in (-1, 1):
         track, placer = parking[side]
-        for s in spots(9.0):
+        for s in spots(13.0):
             name = _pick(rng, _PARKING_MIX)
             if name == "barrier":
                 size = _size(rng, "barrier")
-                for k in range(int(rng.integers(3, 8))):
+                for k in range(int(rng.integers(3, 6))):
                     add("barrier", track, s + k * (size[0] + 0.15), placer, yaw_offset=np.pi / 2,
                         gap=0.05, size=size)
             elif name == "traffic_cone":
-                for k in range(int(rng.integers(3, 7))):
+                for k in range(int(rng.integers(2, 5))):
                     add("traffic_cone", track, s + k * 2.0, placer, yaw_offset=float(rng.uniform(-3, 3)),
                         gap=0.3)
             else:
                 add_parked(name, side, s)
     # Sidewalks: standing people, cones and parked cycles at the curb, walkers on two tracks each side.
     for side in (-1, 1):
-        for s in spots(6.0):
+        for s in spots(3.0):
             add_parked(_pick(rng, _CURB_MIX), side, s)
         for d, direction in ((13.3, 1), (14.3, -1)):
             walk = Track(d=side * d, direction=direction, speed=float(rng.uniform(0.9, 1.7)))
             placer = _Placer()
-            for s in spots(4.0):
+            for s in spots(1.6):
                 add("pedestrian", walk, s, placer, attribute="pedestrian.moving", gap=0.6)
     return actors
 

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipelines.classes import ATTRIBUTES, CATEGORY_TO_CLASS, VISIBILITY_LEVELS
+from pipelines.config import to_dict
 from pipelines.errors import DatasetError
 from pipelines.synth import rig, scene
 from pipelines.synth.config import SynthConfig
@@ -23,6 +26,7 @@ from pipelines.synth.config import SynthConfig
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
           "log", "scene", "sample", "sample_data", "sample_annotation", "map")
 _OUTPUT_FOLDERS = ("samples", "sweeps", "maps")
+CONFIG_FILE = "synth_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ def _scene_job(args: tuple[SynthConfig, int, str]) -> dict[str, list[dict[str, A
 
 
 def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, overwrite: bool = False,
-             progress: Callable[[int, int], None] | None = None) -> SynthSummary:
+             reuse: bool = False, progress: Callable[[int, int], None] | None = None) -> SynthSummary:
     """Write the dataset described by `cfg` to `out`.
 
     Args:
@@ -52,15 +56,20 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
         out: dataset root; `out/<version>/` receives the tables.
         workers: processes generating scenes in parallel (default: the CPU count).
         overwrite: replace an existing dataset at `out` (only the folders this writer creates).
+        reuse: keep a complete dataset at `out` that was generated from the same config.
         progress: called as `progress(done, total)` after each scene.
     """
     start = time.perf_counter()
     root = Path(out)
     table_dir = root / cfg.version
+    stamp = table_dir / CONFIG_FILE   # written last: its presence means the generation completed
+    if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == to_dict(cfg):
+        return _summary(root, cfg, time.perf_counter() - start)
     existing = [p for p in (table_dir, *(root / f for f in _OUTPUT_FOLDERS)) if p.exists()]
     if existing and not overwrite:
         raise DatasetError(f"{root} already holds a dataset ({', '.join(str(p) for p in existing)}); "
-                           "pass --overwrite to replace it or choose another --out")
+                           "pass --overwrite to replace it, --reuse to keep it if it was generated from the "
+                           "same config, or choose another --out")
     for path in existing:
         shutil.rmtree(path)
     table_dir.mkdir(parents=True, exist_ok=True)
@@ -92,11 +101,17 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     splits = {"synth_train": [f"scene-{i:04d}" for i in train], "synth_val": [f"scene-{i:04d}" for i in val]}
     with open(table_dir / "splits.json", "w") as f:
         json.dump(splits, f, indent=1)
+    stamp.write_text(yaml.safe_dump(to_dict(cfg)))
+    return _summary(root, cfg, time.perf_counter() - start)
 
+
+def _summary(root: Path, cfg: SynthConfig, seconds: float) -> SynthSummary:
+    table_dir = root / cfg.version
+    samples = len(json.loads((table_dir / "sample.json").read_text()))
+    annotations = len(json.loads((table_dir / "sample_annotation.json").read_text()))
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return SynthSummary(root=root, version=cfg.version, scenes=cfg.scenes, samples=len(tables["sample"]),
-                        annotations=len(tables["sample_annotation"]), seconds=time.perf_counter() - start,
-                        bytes_on_disk=size)
+    return SynthSummary(root=root, version=cfg.version, scenes=cfg.scenes, samples=samples,
+                        annotations=annotations, seconds=seconds, bytes_on_disk=size)
 
 
 def _shared_tables(seed: int) -> dict[str, list[dict[str, Any]]]:

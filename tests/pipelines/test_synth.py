@@ -127,10 +127,18 @@ def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> Non
 
 
 def test_refuses_to_overwrite_without_flag(tmp_path: Path) -> None:
+    from pipelines.config import to_dict
     from pipelines.errors import DatasetError
 
     cfg = SynthConfig(scenes=1, samples_per_scene=2, image_size=(32, 18), sweeps=0, azimuth_steps=128)
     generate(cfg, tmp_path, workers=1)
     with pytest.raises(DatasetError, match="--overwrite"):
         generate(cfg, tmp_path, workers=1)
+    marker = tmp_path / "v1.0-synth" / "sample.json"
+    before = marker.stat().st_mtime_ns
+    kept = generate(cfg, tmp_path, workers=1, reuse=True)
+    assert marker.stat().st_mtime_ns == before and kept.samples == 2
     generate(cfg, tmp_path, workers=1, overwrite=True)
+    assert marker.stat().st_mtime_ns > before
+    with pytest.raises(DatasetError, match="--reuse"):
+        generate(SynthConfig(**{**to_dict(cfg), "seed": 1, "image_size": (32, 18)}), tmp_path, workers=1, reuse=True)

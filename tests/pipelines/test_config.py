@@ -1,0 +1,60 @@
+"""Strict config loading: unknown keys and wrong types are named; --set overrides nested fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import apply_overrides, from_dict, load_config, to_dict
+from pipelines.errors import ConfigError
+from pipelines.synth import SynthConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    width: int = 4
+    ratio: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outer:
+    name: str = "x"
+    size: tuple[int, int] = (1, 2)
+    inner: Inner = field(default_factory=Inner)
+    tags: tuple[str, ...] = ()
+    limit: float | None = None
+
+
+def test_overrides_and_types(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\nsize: [3, 4]\ninner: {width: 8}\n")
+    cfg = load_config(Outer, path, ["inner.ratio=2", "tags=[p, q]", "limit=3"])
+    assert cfg == Outer(name="a", size=(3, 4), inner=Inner(width=8, ratio=2.0), tags=("p", "q"), limit=3.0)
+    assert to_dict(cfg)["size"] == [3, 4]
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["colour=red"], "unknown key(s) colour; valid keys are inner, limit, name, size, tags"),
+    (["inner.depth=3"], "config.inner: unknown key(s) depth; valid keys are ratio, width"),
+    (["size=[1, 2, 3]"], "config.size: found 3 values"),
+    (["inner.width=wide"], "config.inner.width: found 'wide', expected an integer"),
+    (["name=true"], "config.name: found True, expected a string"),
+    (["noequals"], "expected KEY=VALUE"),
+])
+def test_bad_values_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, apply_overrides({}, overrides))
+    assert message in str(err.value)
+
+
+def test_missing_file_and_synth_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SynthConfig, tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="'sweeps': found 40"):
+        SynthConfig(sweeps=40)
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("synth.yaml", "synth_tiny.yaml"):
+        load_config(SynthConfig, repo / "configs" / "data" / name)
