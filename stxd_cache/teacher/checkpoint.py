@@ -1,0 +1,147 @@
+"""Teacher checkpoints: the native format (state dict + config dict), and the loader that also accepts
+mmdet3d and OpenPCDet CenterPoint checkpoints through explicit key maps (`convert.py`).
+
+Every file is read with `torch.load(weights_only=True)`; a checkpoint that needs full unpickling is
+refused unless the caller passes `trust=True` (`--trust-checkpoint`), because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.config import from_dict, load_config, to_dict
+from pipelines.errors import StxdError
+
+NATIVE_FORMAT = "stxd-teacher/1"
+
+
+class CheckpointError(StxdError):
+    """A teacher checkpoint that is missing, unreadable, or does not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class LoadedTeacher:
+    """A teacher ready for inference, with the config it was built from and the file's sha256."""
+
+    model: Any            # stxd_cache.teacher.model.CenterPoint
+    config: Any           # stxd_cache.teacher.config.TeacherConfig
+    sha256: str
+    source_format: str    # "native", "mmdet3d" or "openpcdet"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_teacher(model: torch.nn.Module, config: Any, path: str | Path) -> str:
+    """Write a native checkpoint atomically; returns its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": NATIVE_FORMAT, "config": to_dict(config), "state_dict": state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return sha256_file(path)
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """The raw checkpoint dict, read safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"teacher checkpoint {path} does not exist; train one with `stxd-train teacher` "
+                              "or pass the path of an existing .pt/.pth file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if trust:
+            raise CheckpointError(f"teacher checkpoint {path} cannot be unpickled: {exc}") from None
+        raise CheckpointError(f"teacher checkpoint {path} holds objects that safe loading refuses ({exc}). If you "
+                              "trust the file, pass --trust-checkpoint to unpickle it (this can run code)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"teacher checkpoint {path} is corrupt or not a torch checkpoint ({exc}); "
+                              "re-download or re-export it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"teacher checkpoint {path} holds a {type(data).__name__}, expected a dict with a "
+                              "state dict")
+    return data
+
+
+def detect_format(data: dict[str, Any]) -> str:
+    """'native', 'mmdet3d' or 'openpcdet', from the checkpoint's keys."""
+    if data.get("format") == NATIVE_FORMAT:
+        return "native"
+    if isinstance(data.get("model_state"), dict):
+        return "openpcdet"
+    state = data.get("state_dict", data)
+    if isinstance(state, dict) and any(str(k).startswith(("pts_middle_encoder.", "pts_backbone.")) for k in state):
+        return "mmdet3d"
+    return "unknown"
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, listing every missing, unexpected and mis-shaped key on failure."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:12]) + (f" … ({len(items)} in all)" if len(items) > 12 else "")
+
+        parts = [f"{name} keys: {show(items)}" for name, items in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
+        raise CheckpointError(f"{source} does not fit the teacher architecture; " + "; ".join(parts)
+                              + ". Check that the teacher config matches the checkpoint (widths, tasks, grid)")
+    model.load_state_dict(state, strict=True)
+
+
+def load_teacher(path: str | Path, *, device: torch.device | str = "cpu", config_path: str | Path | None = None,
+                 trust: bool = False) -> LoadedTeacher:
+    """Build the teacher and load its weights from a native, mmdet3d or OpenPCDet checkpoint.
+
+    Native checkpoints carry their config; for mmdet3d and OpenPCDet ones, `config_path` names the
+    teacher YAML (e.g. configs/teacher/centerpoint_nus.yaml) that describes the same architecture.
+    """
+    from stxd_cache.teacher.config import TeacherConfig
+    from stxd_cache.teacher.model import build_teacher
+
+    data = read_checkpoint(path, trust=trust)
+    fmt = detect_format(data)
+    if fmt == "unknown":
+        raise CheckpointError(f"teacher checkpoint {path} is not a stxd, mmdet3d or OpenPCDet CenterPoint "
+                              f"checkpoint (top-level keys: {', '.join(sorted(map(str, data))[:8])})")
+    if config_path is not None:
+        cfg = load_config(TeacherConfig, config_path)
+    elif fmt == "native":
+        cfg = from_dict(TeacherConfig, data["config"], where=f"{path}:config")
+    else:
+        raise CheckpointError(f"teacher checkpoint {path} is a {fmt} checkpoint without a stxd config; pass "
+                              "--teacher-config with the matching YAML (e.g. configs/teacher/centerpoint_nus.yaml)")
+    model = build_teacher(cfg, device=device)   # spconv's algorithm is chosen for this device
+    if fmt == "native":
+        state = data["state_dict"]
+    else:
+        from stxd_cache.teacher import convert
+
+        state = convert.from_mmdet3d(data, model) if fmt == "mmdet3d" else convert.from_openpcdet(data, model)
+    load_state_strict(model, state, f"teacher checkpoint {path} ({fmt})")
+    return LoadedTeacher(model=model, config=cfg, sha256=sha256_file(path), source_format=fmt)
