@@ -1,4 +1,4 @@
-"""`stxd-cache`: extract the LiDAR teacher into a Zarr cache, and inspect or verify caches."""
+"""`stxd-cache`: extract the LiDAR teacher into a Zarr cache, and inspect, verify or render caches."""
 
 from __future__ import annotations
 
@@ -10,4 +10,124 @@ from pipelines.cli_support import StxdGroup, debug_option
 @click.group(cls=StxdGroup)
 @debug_option
 def main() -> None:
-    """Teacher caches for stxd (stage one). Commands: none yet in this release; see README."""
+    """Teacher caches for stxd (stage one): extract once, reuse for every student run."""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@main.command()
+@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
+@click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
+@click.option("--splits", required=True, help="Comma-separated splits to cache, e.g. synth_train,synth_val.")
+@click.option("--teacher", "teacher_path", required=True, type=click.Path(), help="Teacher checkpoint.")
+@click.option("--teacher-config", type=click.Path(dir_okay=False),
+              help="Teacher YAML for mmdet3d/OpenPCDet checkpoints (native ones carry their config).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow full unpickling of the checkpoint (runs code).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cache YAML (configs/cache/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a cache config field.")
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), help="Feature precision (overrides config).")
+@click.option("--out", required=True, type=click.Path(), help="Cache path (a .zarr folder).")
+@click.option("--workers", default=0, show_default=True, help="Start a dask LocalCluster of N worker processes.")
+@click.option("--scheduler", help="Join a running dask scheduler (tcp://host:port) instead.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher_config: str | None,
+            trust_checkpoint: bool, config_path: str | None, overrides: tuple[str, ...], precision: str | None,
+            out: str, workers: int, scheduler: str | None, device: str) -> None:
+    """Run the teacher once per sample and write (or complete) a cache."""
+    import time
+
+    from tqdm import tqdm
+
+    from pipelines.config import load_config
+    from stxd_cache.extract import ExtractConfig, ExtractJob
+    from stxd_cache.extract import extract as run_extract
+    from stxd_cache.store import cache_info
+
+    if workers and scheduler:
+        raise click.UsageError("pass either --workers or --scheduler, not both")
+    cfg = load_config(ExtractConfig, config_path, overrides, base={"precision": precision} if precision else None)
+    job = ExtractJob(dataroot=dataroot, version=version, splits=tuple(s for s in splits.split(",") if s),
+                     teacher_path=teacher_path, teacher_config_path=teacher_config, trust_checkpoint=trust_checkpoint,
+                     out=out, cfg=cfg, device=_device(device))
+    bar = tqdm(unit="sample", desc="extract", disable=None)
+    start = time.perf_counter()
+    meta = run_extract(job, workers=workers, scheduler=scheduler, progress=bar.update)
+    bar.close()
+    seconds = time.perf_counter() - start
+    info = cache_info(out)
+    click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({bar.n} extracted now in {seconds:.1f} s), "
+               f"{info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression x{info['compression_ratio']:.2f}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+def info(cache: str) -> None:
+    """Print a cache's fingerprint, sizes and completeness."""
+    import json
+
+    from stxd_cache.store import cache_info
+
+    click.echo(json.dumps(cache_info(cache), indent=2, default=str))
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--dataroot", type=click.Path(), help="Also check prev_index against the dataset's scenes.")
+@click.option("--version", help="Table folder of --dataroot.")
+def verify(cache: str, dataroot: str | None, version: str | None) -> None:
+    """Read every chunk: CRCs, done flags, prev_index links, finite values. Exit 1 naming bad samples."""
+    from tqdm import tqdm
+
+    from stxd_cache.store import open_cache
+    from stxd_cache.store import verify as run_verify
+
+    scenes = timestamps = None
+    if dataroot:
+        from pipelines.nuscenes import SampleIndex
+
+        reader = open_cache(cache)
+        index = SampleIndex.load(dataroot, version or reader.meta.dataset.version, reader.meta.dataset.splits)
+        by_token = {s.token: s for s in index}
+        scenes = [by_token[t].scene_token if t in by_token else "" for t in reader.tokens]
+        timestamps = [by_token[t].timestamp if t in by_token else -1 for t in reader.tokens]
+    report = run_verify(cache, scenes=scenes, timestamps=timestamps,
+                        progress=lambda it: tqdm(it, desc="verify", unit="row", disable=None, leave=False))
+    if report.ok:
+        click.echo(f"ok: {cache} verified")
+        return
+    click.echo(f"{len(report.problems)} problem(s) in {cache}:", err=True)
+    for problem in report.problems[:100]:
+        click.echo(f"  - {problem}", err=True)
+    if report.bad_samples:
+        click.echo("bad samples: " + ", ".join(report.bad_samples[:50]), err=True)
+    raise SystemExit(1)
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--sample", "token", required=True, help="Sample token to render.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--dataroot", type=click.Path(), help="Dataset root, to draw the GT outlines too.")
+@click.option("--version", help="Table folder of --dataroot (default: the cache's).")
+@click.option("--min-score", default=0.3, show_default=True, help="Teacher boxes drawn above this score.")
+def show(cache: str, token: str, out: str, dataroot: str | None, version: str | None, min_score: float) -> None:
+    """Render the teacher BEV (PCA to RGB) with its boxes, and the GT outlines when --dataroot is given."""
+    from stxd_cache.render import render_record
+    from stxd_cache.store import open_cache
+
+    reader = open_cache(cache)
+    record = reader.read(reader.index_of(token))
+    gt = None
+    if dataroot:
+        from pipelines.nuscenes import SampleIndex
+
+        index = SampleIndex.load(dataroot, version or reader.meta.dataset.version, reader.meta.dataset.splits)
+        gt = index.get(token).gt.boxes
+    render_record(record, reader.meta.grid, out, gt_boxes=gt, min_score=min_score)
+    click.echo(f"wrote {out}")

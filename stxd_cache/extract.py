@@ -135,7 +135,7 @@ def build_meta(job: ExtractJob, index: SampleIndex, extractor: _Extractor) -> An
     from stxd_cache.store import CacheMeta
 
     return CacheMeta(
-        grid=job.cfg.grid, token_grid=job.cfg.token_grid, channels=extractor.model.bev_channels,
+        grid=job.cfg.grid, token_grid=job.cfg.token_grid, channels=sum(extractor.teacher_cfg.neck.out_channels),
         box_capacity=job.cfg.box_capacity, classes=list(DETECTION_CLASSES),
         teacher={"name": extractor.teacher_cfg.name, "config": to_dict(extractor.teacher_cfg),
                  "sha256": extractor.sha256},
@@ -164,8 +164,14 @@ def extract(job: ExtractJob, *, workers: int = 0, scheduler: str | None = None,
     if len(index) == 0:
         raise DatasetError(f"no samples in split(s) {', '.join(job.splits)} of {job.dataroot} ({job.version}); "
                            "check --splits (stxd-data index lists them)")
+    from stxd_cache.errors import CacheReadOnlyError
+    from stxd_cache.store import open_cache
+
     extractor = _Extractor(job, index)
-    writer = _open_writer(job, index, extractor)
+    try:
+        writer = _open_writer(job, index, extractor)
+    except CacheReadOnlyError:   # same fingerprint, already complete: nothing to do
+        return open_cache(job.out).meta
     units = writer.pending_units()
     if units and (workers > 0 or scheduler):
         _extract_dask(job, units, workers, scheduler, progress)

@@ -1,0 +1,595 @@
+"""The teacher cache on disk (Zarr v3, one group): create or resume, write work units, finalise, read, verify.
+
+Lifecycle: `create_or_resume` makes the store (or reopens one with the same fingerprint), `CacheWriter.write_unit`
+writes R rows at a time and sets their `done` flags last, `finalize` sets `complete` once every row is done.
+`open_cache` reads; `verify` decodes every chunk and checks the invariants; `cache_info` summarises.
+The contract (arrays, attributes, row encoding, invariants) lives in `stxd_cache.schema`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
+
+from pipelines.errors import ConfigError
+from stxd_cache.errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheIncompleteError,
+    CacheReadOnlyError,
+    FingerprintMismatchError,
+    LayoutMismatchError,
+    NotACacheError,
+    SampleNotFoundError,
+)
+from stxd_cache.schema import (
+    ATTRS_KEY,
+    SCHEMA_VERSION,
+    UNIT_ARRAYS,
+    CacheLayout,
+    CacheMeta,
+    CacheRecord,
+    DatasetInfo,
+    TeacherInfo,
+    TeacherRecord,
+    array_specs,
+    decode_bev,
+    encode_record,
+    fingerprint_differences,
+    prev_index_problems,
+    row_problems,
+    rows_per_file,
+    work_units,
+)
+
+__all__ = [
+    "CacheLayout", "CacheMeta", "CacheReader", "CacheRecord", "CacheWriter", "DatasetInfo", "TeacherInfo",
+    "TeacherRecord", "VerifyReport", "cache_info", "create_or_resume", "open_cache", "verify",
+]
+
+DEFAULT_LAYOUT = CacheLayout()
+# Written into the group attributes while arrays are being created, replaced by `stxd` when creation finishes:
+# a store holding only this marker is an interrupted creation, which `create_or_resume` may redo.
+_CREATING_KEY = "stxd_creating"
+_MAX_PROBLEMS = 100
+
+
+# ----------------------------------------------------------------------------------------------- store helpers
+
+
+def _open_group(path: str, mode: str) -> zarr.Group:
+    if "://" not in path:
+        if not os.path.exists(path):
+            raise NotACacheError(f"no teacher cache at {path}: the path does not exist; check the path, or run "
+                                 "`stxd-cache extract --out` to create one")
+        if not os.path.isdir(path):
+            raise NotACacheError(f"{path} is a file, not a teacher cache (a Zarr v3 directory); choose another path")
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        raise NotACacheError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}), so not an "
+                             "stxd teacher cache; choose an empty or new path, or delete it if it is a broken cache"
+                             ) from None
+
+
+def _read_meta(group: zarr.Group, path: str) -> CacheMeta:
+    attrs = group.attrs.asdict()
+    if ATTRS_KEY not in attrs:
+        raise NotACacheError(f"{path} is a Zarr group without the `{ATTRS_KEY}` attribute, so not an stxd teacher "
+                             "cache; choose another path (stxd never writes into foreign stores)")
+    stored = attrs[ATTRS_KEY]
+    version = stored.get("schema_version") if isinstance(stored, dict) else None
+    if version != SCHEMA_VERSION:
+        raise CacheError(f"cache {path} has schema_version {version!r}; this stxd reads schema {SCHEMA_VERSION} "
+                         "only; re-extract the cache with this stxd, or use the stxd version that wrote it")
+    try:
+        return CacheMeta.from_dict(stored)
+    except ConfigError as exc:
+        raise CacheCorruptError(f"cache {path}: group attribute `{ATTRS_KEY}` is invalid: {exc}; the metadata was "
+                                "edited or damaged; re-extract the cache") from None
+
+
+def _s_extent(array: Any) -> int:
+    """Rows per stored object along S (the shard, or the chunk when unsharded)."""
+    return int((array.shards or array.chunks)[0])
+
+
+def _open_arrays(group: zarr.Group, meta: CacheMeta, path: str, *, lenient: bool = False) -> dict[str, Any]:
+    """The cache's arrays, checked against the schema; with `lenient`, bad ones are left out instead of raising."""
+    arrays: dict[str, Any] = {}
+    n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
+    for name, spec in array_specs(meta).items():
+        try:
+            array = group[name]
+        except KeyError:
+            if lenient:
+                continue
+            raise CacheCorruptError(f"cache {path}: array `{name}` is missing; the store is damaged or was not "
+                                    "created by stxd; delete it and re-extract") from None
+        expected_shape = (n, *spec.row_shape)
+        dtype_ok = array.dtype.kind in "OTU" if spec.dtype == "str" else array.dtype == np.dtype(spec.dtype)
+        extent_ok = _s_extent(array) == rows_per_file(spec, r)
+        if array.shape != expected_shape or not dtype_ok or not extent_ok:
+            if lenient:
+                continue
+            raise CacheCorruptError(
+                f"cache {path}: array `{name}` has shape {array.shape}, dtype {array.dtype} and {_s_extent(array)} "
+                f"rows per stored object; expected {expected_shape}, {spec.dtype} and {rows_per_file(spec, r)} "
+                "from the cache's metadata; the store is damaged; delete it and re-extract")
+        arrays[name] = array
+    return arrays
+
+
+def _compressors(zstd_level: int) -> tuple[Any, ...]:
+    # Byte shuffle: on smooth fp16 and int8 features it beat bitshuffle by 5-30% (bitshuffle splits the noisy low
+    # mantissa bits across every byte). crc32c comes last when encoding, so it is checked first when decoding: a
+    # flipped bit fails the checksum before blosc sees it.
+    return BloscCodec(cname="zstd", clevel=zstd_level, shuffle="shuffle"), Crc32cCodec()
+
+
+def _create_arrays(group: zarr.Group, meta: CacheMeta) -> None:
+    n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
+    for name, spec in array_specs(meta).items():
+        row = tuple(max(1, d) for d in spec.row_shape)  # a zero-length axis (k_max = 0) still needs a chunk extent
+        along_s = rows_per_file(spec, r)
+        sharded = spec.chunking == "row" and r > 1
+        group.create_array(
+            name, shape=(n, *spec.row_shape), dtype=str if spec.dtype == "str" else spec.dtype,
+            chunks=(1 if spec.chunking == "row" else along_s, *row), shards=(along_s, *row) if sharded else None,
+            compressors=_compressors(meta.layout.zstd_level), fill_value=spec.fill_value,
+            dimension_names=spec.dims, overwrite=True,
+        )
+
+
+def _object_key(array: Any, index: int) -> str:
+    """Store key (relative to the store root) of the `index`-th shard or chunk along S."""
+    coords = (index,) + (0,) * (array.ndim - 1)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+async def _collect(iterator: Any) -> list[str]:
+    return [key async for key in iterator]
+
+
+def _row_names(tokens: Sequence[str], rows: Sequence[int]) -> str:
+    shown = ", ".join(f"{r} ({tokens[r]})" if r < len(tokens) else str(r) for r in list(rows)[:3])
+    return shown + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+class CacheWriter:
+    """Writes work units into a cache created or resumed by `create_or_resume` (picklable: reopens by path)."""
+
+    def __init__(self, *, path: str, group: zarr.Group, meta: CacheMeta, sample_tokens: Sequence[str]) -> None:
+        self.path = path
+        self.meta = meta
+        self.rows_per_shard = meta.layout.rows_per_shard
+        self.sample_tokens = list(sample_tokens)
+        self._group = group
+        # Chunks equal to the fill value (an all-zero BEV row, an empty box list) must still be written: verify
+        # reports missing objects, and byte-identical resumes need every object present.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self._arrays = _open_arrays(group, meta, path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _reopen_writer, (self.path,)
+
+    @property
+    def units(self) -> list[range]:
+        """Every work unit: R-row ranges aligned to shard boundaries."""
+        return work_units(self.meta.dataset.sample_count, self.rows_per_shard)
+
+    def pending_units(self) -> list[range]:
+        """Work units with any row not done, in row order."""
+        done = np.asarray(self._arrays["done"][:])
+        return [u for u in self.units if not done[u.start:u.stop].all()]
+
+    def write_unit(self, rows: range, records: Sequence[TeacherRecord]) -> None:
+        """Write every array's rows of one work unit, then set their `done` flags (last, so a kill leaves them
+        False and the unit pending).
+
+        rows: one of `units`; records: one `TeacherRecord` per row, in order.
+        """
+        self._check_writable()
+        if rows not in self.units:
+            raise ValueError(f"rows {rows} are not a work unit of cache {self.path}; expected one of "
+                             f"pending_units() (ranges of {self.rows_per_shard} rows from a multiple of it)")
+        if len(records) != len(rows):
+            raise ValueError(f"write_unit({rows}) got {len(records)} records; expected {len(rows)}, one per row")
+        encoded = [encode_record(rec, self.meta, self.sample_tokens[i]) for i, rec in zip(rows, records, strict=True)]
+        sel = slice(rows.start, rows.stop)
+        unit_index = rows.start // self.rows_per_shard
+        self._arrays["done"][sel] = False
+        for name in UNIT_ARRAYS:
+            if name not in self._arrays:
+                continue
+            array = self._arrays[name]
+            # A rewrite starts from nothing: zarr merges partial shard writes with the stored shard, which would
+            # fail on a damaged one; removing it first makes every rewrite independent of what was there.
+            sync(array.store_path.store.delete(_object_key(array, unit_index)))
+            array[sel] = np.stack([row[name] for row in encoded])
+        self._arrays["done"][sel] = True
+
+    def finalize(self) -> None:
+        """Mark the cache complete once every row is done; safe to interrupt and re-run, a no-op when complete."""
+        if self.meta.complete:
+            return
+        done = np.asarray(self._arrays["done"][:])
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise CacheIncompleteError(
+                f"cannot finalise cache {self.path}: {len(missing)} of {len(done)} rows are not done (rows "
+                f"{_row_names(self.sample_tokens, missing)}); write their units (pending_units()) first, e.g. by "
+                "re-running the same `stxd-cache extract`")
+        meta = dataclasses.replace(self.meta, complete=True)
+        # One metadata document rewritten in one put: the flag flips atomically (LocalStore writes via rename).
+        self._group.attrs.put({ATTRS_KEY: meta.to_dict()})
+        self.meta = meta
+
+    def _check_writable(self) -> None:
+        if self.meta.complete:
+            raise CacheReadOnlyError(f"cache {self.path} is already complete; complete caches are never modified; "
+                                     "extract into a new path to change it")
+
+
+def _reopen_writer(path: str) -> CacheWriter:
+    group = _open_group(path, "r+")
+    meta = _read_meta(group, path)
+    tokens = [str(t) for t in np.asarray(group["sample_token"][:])]
+    writer = CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
+    writer._check_writable()
+    return writer
+
+
+def _check_inputs(meta: CacheMeta, sample_tokens: Sequence[str], prev_index: np.ndarray) -> tuple[list[str], Any]:
+    tokens = [str(t) for t in sample_tokens]
+    n = meta.dataset.sample_count
+    if len(tokens) != n:
+        raise ValueError(f"{len(tokens)} sample tokens given; expected dataset.sample_count = {n} from the meta")
+    if len(set(tokens)) != n or not all(tokens):
+        raise ValueError("sample tokens must be distinct and non-empty; got duplicates or empty strings")
+    prev = np.asarray(prev_index)
+    if prev.shape != (n, meta.k_max) or not np.issubdtype(prev.dtype, np.integer):
+        raise ValueError(f"prev_index has shape {prev.shape} and dtype {prev.dtype}; expected ({n}, {meta.k_max}) "
+                         "integers")
+    problems = prev_index_problems(prev)
+    if problems:
+        row, what = problems[0]
+        raise ValueError(f"prev_index row {row} ({tokens[row]}): {what} ({len(problems)} rows affected)")
+    return tokens, prev.astype(np.int32)
+
+
+def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_tokens: Sequence[str],
+                     prev_index: np.ndarray, *, rows_per_shard: int | None = None,
+                     zstd_level: int | None = None) -> CacheWriter:
+    """A writer for the cache at `path`: created if absent (or an empty folder), resumed if its fingerprint, sample
+    tokens and prev_index match.
+
+    Args:
+        meta: what the cache holds; `created` is set to now when empty, `complete` and `layout` are ignored.
+        sample_tokens: (S,) devkit sample tokens, in scene order.
+        prev_index: (S, k_max) row of the k-th previous keyframe in the same scene, -1 if none.
+        rows_per_shard, zstd_level: layout of a new cache (default 8 and 3). A resumed cache keeps its own layout;
+            a value given here that differs from it is an error.
+    """
+    path = os.fspath(path)
+    tokens, prev = _check_inputs(meta, sample_tokens, prev_index)
+    group = _existing_group(path)
+    if group is not None and (ATTRS_KEY in group.attrs or _CREATING_KEY not in group.attrs):
+        return _resume(path, group, meta, tokens, prev, rows_per_shard, zstd_level)
+    layout = CacheLayout(rows_per_shard=rows_per_shard or DEFAULT_LAYOUT.rows_per_shard,
+                         zstd_level=zstd_level or DEFAULT_LAYOUT.zstd_level)
+    created = meta.created or datetime.now(UTC).isoformat(timespec="seconds")
+    meta = dataclasses.replace(meta, layout=layout, created=created, complete=False)
+    group = zarr.open_group(path, mode="w", zarr_format=3, attributes={_CREATING_KEY: True})
+    _create_arrays(group, meta)
+    group["sample_token"][:] = np.asarray(tokens, dtype=object)
+    group["prev_index"][:] = prev
+    group.attrs.put({ATTRS_KEY: meta.to_dict()})
+    return CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
+
+
+def _existing_group(path: str) -> zarr.Group | None:
+    """The group at `path` opened for writing, or None where nothing is there yet (no path, an empty folder)."""
+    if "://" in path:
+        try:
+            return zarr.open_group(path, mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            return None
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return None
+    return _open_group(path, "r+")
+
+
+def _resume(path: str, group: zarr.Group, meta: CacheMeta, tokens: list[str], prev: np.ndarray,
+            rows_per_shard: int | None, zstd_level: int | None) -> CacheWriter:
+    stored = _read_meta(group, path)
+    differences = fingerprint_differences(stored.fingerprint, meta.fingerprint)
+    if differences:
+        raise FingerprintMismatchError(
+            f"cache {path} was made for something else, and caches are never mixed: " + "; ".join(differences)
+            + ". Extract into a new path, or delete this cache to replace it", differences)
+    if stored.complete:
+        raise CacheReadOnlyError(f"cache {path} is already complete (created {stored.created}); nothing to extract; "
+                                 "complete caches are never modified: use a new path to extract again")
+    for name, wanted in (("rows_per_shard", rows_per_shard), ("zstd_level", zstd_level)):
+        have = getattr(stored.layout, name)
+        if wanted is not None and wanted != have:
+            raise LayoutMismatchError(f"cache {path} was created with {name} = {have}; resuming asked for {wanted}; "
+                                      f"resume with {name} = {have} (or leave it unset), or extract into a new path")
+    writer = CacheWriter(path=path, group=group, meta=stored, sample_tokens=tokens)
+    stored_tokens = [str(t) for t in np.asarray(writer._arrays["sample_token"][:])]
+    if stored_tokens != tokens:
+        row = next(i for i, (a, b) in enumerate(zip(stored_tokens, tokens, strict=True)) if a != b)
+        raise FingerprintMismatchError(
+            f"cache {path}: `sample_token` row {row} is {stored_tokens[row]!r} in the store but {tokens[row]!r} was "
+            "requested (same dataset fields, different samples or order); extract into a new path", ["sample_token"])
+    if not np.array_equal(np.asarray(writer._arrays["prev_index"][:]), prev):
+        raise FingerprintMismatchError(f"cache {path}: `prev_index` differs from the requested one (same samples, "
+                                       "different past-frame links, e.g. another k_prev); extract into a new path",
+                                       ["prev_index"])
+    return writer
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+
+class CacheReader:
+    """Read-only access to a cache, one sample at a time (opened with `open_cache`)."""
+
+    def __init__(self, *, path: str, group: zarr.Group, meta: CacheMeta) -> None:
+        self.path = path
+        self.meta = meta
+        self._arrays = _open_arrays(group, meta, path)
+        self.tokens: list[str] = [str(t) for t in self._rows("sample_token", None)]
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+        self._prev = np.asarray(self._rows("prev_index", None))
+        # A damaged `done` chunk costs only its own rows: they read as not done and `read` names them.
+        self._done, self._done_readable = _read_checked(self._arrays["done"], range(len(self.tokens)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def index_of(self, token: str) -> int:
+        """Row of a sample token."""
+        try:
+            return self._index[token]
+        except KeyError:
+            raise SampleNotFoundError(
+                f"sample {token} is not in cache {self.path} ({len(self)} samples of {self.meta.dataset.version} "
+                f"{', '.join(self.meta.dataset.splits)}); extract a cache that covers this split") from None
+
+    def require_complete(self) -> None:
+        """Raise `CacheIncompleteError` unless every row is done and the cache was finalised."""
+        if not self.meta.complete:
+            missing = int((~self._done).sum())
+            state = f"{missing} of {len(self)} rows not done" if missing else "every row done, finalize not run"
+            raise CacheIncompleteError(f"cache {self.path} is not complete ({state}); re-run the same "
+                                       "`stxd-cache extract` to finish it")
+
+    def read(self, i: int) -> CacheRecord:
+        """Row `i` with its past frames' tokens, as float32 numpy."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for cache {self.path} with {len(self)} samples")
+        i %= len(self)
+        past = self._prev[i]
+        valid = past >= 0
+        needed = [i, *past[valid].tolist()]
+        damaged = [r for r in needed if not self._done_readable[r]]
+        if damaged:
+            raise CacheCorruptError(f"cache {self.path}: the `done` flags of rows {_row_names(self.tokens, damaged)} "
+                                    "cannot be decoded (corrupt chunk); run `stxd-cache verify`, then re-extract")
+        not_done = [r for r in needed if not self._done[r]]
+        if not_done:
+            raise CacheIncompleteError(f"cache {self.path}: rows {_row_names(self.tokens, not_done)} needed for "
+                                       f"sample {self.tokens[i]} are not written yet; finish the extraction first")
+        scale = self._rows("bev_scale", [i])[0] if self.meta.precision == "int8" else None
+        past_tokens = np.zeros((len(past), self.meta.num_tokens, self.meta.channels), np.float32)
+        if valid.any():
+            past_tokens[valid] = self._rows("tokens", past[valid].tolist())
+        count = int(self._rows("box_count", [i])[0])
+        return CacheRecord(
+            index=i, token=self.tokens[i], bev=decode_bev(self._rows("bev", [i])[0], scale),
+            tokens=self._rows("tokens", [i])[0].astype(np.float32), past_tokens=past_tokens, past_valid=valid,
+            boxes=self._rows("boxes", [i])[0], scores=self._rows("box_scores", [i])[0],
+            labels=self._rows("box_labels", [i])[0].astype(np.int64),
+            probs=self._rows("box_probs", [i])[0].astype(np.float32), count=count)
+
+    def _rows(self, name: str, rows: list[int] | None) -> np.ndarray:
+        """Rows of one array (all rows when `rows` is None); decode failures become `CacheCorruptError`."""
+        array = self._arrays[name]
+        try:
+            if rows is None:
+                return np.asarray(array[:])
+            if len(rows) == 1:
+                return np.asarray(array[rows[0]:rows[0] + 1])
+            return np.asarray(array.get_orthogonal_selection((np.asarray(rows),)))
+        except Exception as exc:  # zarr raises ValueError (checksum), RuntimeError (blosc), ... per codec
+            candidates = range(array.shape[0]) if rows is None else rows
+            bad = [r for r in candidates if _fails(array, r)] or list(candidates)
+            tokens = getattr(self, "tokens", [])
+            raise CacheCorruptError(
+                f"cache {self.path}: array `{name}` row {_row_names(tokens, bad)} cannot be decoded "
+                f"({type(exc).__name__}: {exc}); the stored chunk is corrupt; run `stxd-cache verify` to list every "
+                "damaged sample, then re-extract the cache") from exc
+
+
+def _fails(array: Any, row: int) -> bool:
+    try:
+        array[row:row + 1]
+    except Exception:
+        return True
+    return False
+
+
+def open_cache(path: str | os.PathLike[str]) -> CacheReader:
+    """A read-only reader (the store is opened with mode "r"); see `CacheReader.require_complete`."""
+    path = os.fspath(path)
+    group = _open_group(path, "r")
+    return CacheReader(path=path, group=group, meta=_read_meta(group, path))
+
+
+# ---------------------------------------------------------------------------------------------- verify and info
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: `ok` when there are no problems."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    """One line per problem, naming the array, row and sample token."""
+    bad_samples: list[str] = field(default_factory=list)
+    """Tokens (or `row N` where the token itself is unreadable) of every sample with a problem, in row order."""
+    rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
+           timestamps: Sequence[int] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Decode every chunk of every array and check the cache's invariants.
+
+    Checks: every stored object present and every chunk passing its crc32c and decoding; `done` all set and
+    `complete`; prev_index (-1 or an earlier row, -1 only at the end, consistent chains; with `scenes` (S,) the
+    same scene and the nearest earlier row of it; with `timestamps` (S,) strictly decreasing times); finite
+    features, tokens that match the pooled BEV, box counts, labels, padding and score order.
+
+    progress: called with (rows checked, S) after each work unit.
+    """
+    path = os.fspath(path)
+    group = _open_group(path, "r")
+    meta = _read_meta(group, path)
+    report = VerifyReport(path=path)
+    n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
+    specs = array_specs(meta)
+    arrays = _open_arrays(group, meta, path, lenient=True)
+    bad_rows: set[int] = set()
+
+    def problem(text: str, rows: Sequence[int] = ()) -> None:
+        bad_rows.update(int(x) for x in rows)
+        report.problems.append(text)
+
+    for name in specs:
+        if name not in arrays:
+            problem(f"array `{name}` is missing or does not match the schema (shape, dtype or chunking)")
+    tokens = [f"row {i}" for i in range(n)]
+    if "sample_token" in arrays:
+        tokens = [str(t) if ok else f"row {i}" for i, (t, ok) in
+                  enumerate(zip(*_read_checked(arrays["sample_token"], range(n)), strict=True))]
+    done, done_ok = _read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
+    for i in np.flatnonzero(~done_ok):
+        problem(f"array `done` row {_row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
+    for name, array in arrays.items():  # absent objects read back as fill values: look for them by key
+        if math.prod(specs[name].row_shape) == 0:
+            continue
+        keys = set(sync(_collect(array.store_path.store.list_prefix(f"{array.store_path.path}/"))))
+        step = _s_extent(array)
+        for j in range(math.ceil(n / step)):
+            rows = range(j * step, min((j + 1) * step, n))
+            # Units not written yet have no objects: only rows marked done, or written at creation, must have
+            # them (and every `done` object in a complete cache).
+            if name == "done":
+                expected = meta.complete
+            else:
+                expected = specs[name].chunking == "index" or bool(done[rows.start:rows.stop].any())
+            if expected and _object_key(array, j) not in keys:
+                problem(f"array `{name}`: stored object `{_object_key(array, j)}` is missing (rows "
+                        f"{_row_names(tokens, rows)})", rows)
+    prev = np.full((n, meta.k_max), -1, np.int32)
+    for unit in work_units(n, r):
+        block: dict[str, np.ndarray] = {}
+        for name, array in arrays.items():
+            if name == "done":
+                continue
+            block[name], ok = _read_checked(array, unit)
+            for k in np.flatnonzero(~ok):
+                problem(f"array `{name}` row {_row_names(tokens, [unit.start + k])} fails to decode (corrupt chunk)",
+                        [unit.start + k])
+        if "prev_index" in block:
+            prev[unit.start:unit.stop] = block["prev_index"]
+        check = done[unit.start:unit.stop] & ~np.isin(np.arange(unit.start, unit.stop), list(bad_rows))
+        if all(name in block for name in UNIT_ARRAYS if name in specs):
+            for k, what in row_problems(block, meta, check):
+                problem(f"row {_row_names(tokens, [unit.start + k])}: {what}", [unit.start + k])
+        report.rows_checked = unit.stop
+        if progress:
+            progress(unit.stop, n)
+    missing = np.flatnonzero(~done & done_ok)
+    if len(missing):
+        problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}); resume the extraction "
+                "to write them", missing)
+    if not meta.complete:
+        problem("the cache is not complete (`complete` is false): finalize has not run; resume the extraction")
+    if "prev_index" in arrays:
+        for row, what in prev_index_problems(prev, scenes=scenes, timestamps=timestamps):
+            problem(f"prev_index row {_row_names(tokens, [row])}: {what}", [row])
+    if len(set(tokens)) != n:
+        problem("`sample_token` holds duplicate tokens")
+    if len(report.problems) > _MAX_PROBLEMS:
+        extra = len(report.problems) - _MAX_PROBLEMS
+        report.problems = [*report.problems[:_MAX_PROBLEMS], f"... and {extra} more problems"]
+    report.bad_samples = [tokens[i] for i in sorted(bad_rows)]
+    return report
+
+
+def _read_checked(array: Any, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    """(values, readable) of a row range; rows whose chunk fails to decode read as the fill value."""
+    try:
+        return np.asarray(array[rows.start:rows.stop]), np.ones(len(rows), bool)
+    except Exception:
+        ok = np.ones(len(rows), bool)
+        out = np.full((len(rows), *array.shape[1:]), array.fill_value, dtype=array.dtype)
+        for k, row in enumerate(rows):
+            try:
+                out[k] = np.asarray(array[row:row + 1])[0]
+            except Exception:
+                ok[k] = False
+        return out, ok
+
+
+def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a cache: fingerprint, counts, and sizes on disk against the uncompressed data.
+
+    `uncompressed_bytes` counts the rows written so far (done rows, plus the sample_token and prev_index written
+    at creation); `bytes_per_sample` and `compression_ratio` divide by the done rows and by `bytes_on_disk`.
+    """
+    path = os.fspath(path)
+    group = _open_group(path, "r")
+    meta = _read_meta(group, path)
+    reader = CacheReader(path=path, group=group, meta=meta)
+    done_count = int(reader._done.sum())
+    arrays: dict[str, dict[str, Any]] = {}
+    for name, array in reader._arrays.items():
+        if name == "sample_token":
+            logical = sum(len(t.encode()) for t in reader.tokens)
+        else:
+            rows = len(reader) if name == "prev_index" else done_count
+            logical = rows * math.prod(array.shape[1:]) * array.dtype.itemsize
+        arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "chunks": list(array.chunks),
+                        "shards": list(array.shards) if array.shards else None,
+                        "bytes_on_disk": int(array.nbytes_stored()), "uncompressed_bytes": int(logical)}
+    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) + int(sync(group.store_path.store.getsize("zarr.json")))
+    uncompressed = sum(a["uncompressed_bytes"] for a in arrays.values())
+    return {
+        "path": path, "fingerprint": meta.fingerprint, "created": meta.created, "layout": meta.to_dict()["layout"],
+        "sample_count": len(reader), "done_count": done_count, "complete": meta.complete,
+        "bytes_on_disk": on_disk, "bytes_per_sample": on_disk / done_count if done_count else None,
+        "uncompressed_bytes": uncompressed, "compression_ratio": uncompressed / on_disk if on_disk else None,
+        "arrays": arrays,
+    }
