@@ -1,0 +1,151 @@
+"""Checkpoint files: atomic writes, safe loading, RNG state capture, and the run's `config.yaml`.
+
+Layout of a run folder: `checkpoints/last.pt` (always the newest), optional `checkpoints/step_XXXXXX.pt`
+copies, `config.yaml`, `metrics.jsonl` and `tb/`. What goes inside a checkpoint is the trainer's
+business (`Trainer.state_dict`); this module only writes and reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import yaml
+
+from pipelines.errors import StxdError
+from stxd_train.engine.distributed import is_main_process
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+
+
+class CheckpointError(StxdError):
+    """A checkpoint is missing, unreadable, or does not match the run that loads it."""
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Folder of a run's checkpoints."""
+    return Path(out_dir) / CHECKPOINT_DIR
+
+
+def step_checkpoint_name(step: int) -> str:
+    """File name of the kept copy after `step` optimizer steps."""
+    return f"step_{step:06d}.pt"
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write `path` through `write(file)` into a temporary file of the same folder, then rename it.
+
+    Readers see the old file or the complete new one, never a partial one; on failure the temporary
+    file is removed and the old file stays as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _bytes_writer(data: bytes) -> Callable[[IO[bytes]], None]:
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    return write
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write `state` with `torch.save`, atomically."""
+    return atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def keep_copy(src: str | Path, dst: str | Path) -> Path:
+    """Keep `src` as `dst` too: a hard link (free; `src` is later replaced, not rewritten) or a copy."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        return atomic_write(dst, _bytes_writer(src.read_bytes()))
+    os.replace(tmp, dst)
+    return dst
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU (tensors only, no arbitrary pickled objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}: nothing to resume; train without --resume to start this run, "
+            "or point the output folder at a run that has one"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+                              f"resume from another file in {path.parent}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and current-CUDA-device generator states, as plain types and tensors."""
+    # The legacy global NumPy generator on purpose: it is what third-party augmentation code draws from.
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        # The current device only: asking for every device would create a CUDA context on each GPU of the node.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Undo `capture_rng_state` (the CUDA state goes to the current device)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_run_config(out_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
+    """Write the resolved config as `out_dir/config.yaml`, atomically and on rank 0 only."""
+    path = Path(out_dir) / "config.yaml"
+    if is_main_process():
+        text = yaml.safe_dump(dict(cfg), sort_keys=False)
+        atomic_write(path, _bytes_writer(text.encode()))
+    return path
+
