@@ -10,4 +10,54 @@ from pipelines.cli_support import StxdGroup, debug_option
 @click.group(cls=StxdGroup)
 @debug_option
 def main() -> None:
-    """Training for stxd (stage two). Commands: none yet in this release; see README."""
+    """Training for stxd: the LiDAR teacher (stage one's model) and, next, camera students."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Teacher run YAML, e.g. configs/teacher/centerpoint_synth.yaml.")
+@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
+@click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True,
+              help="Score the trained teacher on the val split with DetectionEval.")
+def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: tuple[str, ...], resume: bool,
+            device: str, run_eval: bool) -> None:
+    """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`."""
+    from pipelines.config import load_config
+    from stxd_train.teacher import TeacherRunConfig, evaluate_teacher, train_teacher
+
+    cfg = load_config(TeacherRunConfig, config_path, overrides)
+    path = train_teacher(cfg, dataroot=dataroot, version=version, out=out, resume=resume, device=device)
+    click.echo(f"teacher written to {path}")
+    if run_eval:
+        _print_metrics(evaluate_teacher(out, device=device))
+
+
+@main.command(name="eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--split", help="Split to score (default: the run's val split).")
+@click.option("--dataroot", type=click.Path(), help="Dataset root (default: the one the run trained on).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+def eval_(run_dir: str, split: str | None, dataroot: str | None, device: str) -> None:
+    """Score a run with the real nuScenes DetectionEval; writes RUN/metrics.json."""
+    from pipelines.config import read_yaml
+    from pipelines.errors import ConfigError
+
+    saved = read_yaml(f"{run_dir}/config.yaml")
+    if saved.get("kind") != "teacher":
+        raise ConfigError(f"{run_dir}/config.yaml: found kind {saved.get('kind')!r}, expected 'teacher' "
+                          "(student runs arrive with stage two)")
+    from stxd_train.teacher import evaluate_teacher
+
+    _print_metrics(evaluate_teacher(run_dir, split=split, device=device, dataroot=dataroot))
+
+
+def _print_metrics(metrics: dict) -> None:
+    click.echo(f"{metrics['split']}: NDS {metrics['NDS']:.4f}  mAP {metrics['mAP']:.4f}  mATE {metrics['mATE']:.3f}  "
+               f"mASE {metrics['mASE']:.3f}  mAOE {metrics['mAOE']:.3f}  mAVE {metrics['mAVE']:.3f}  "
+               f"mAAE {metrics['mAAE']:.3f}")
+    click.echo("per-class AP: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_class_AP"].items()))

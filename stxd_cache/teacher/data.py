@@ -63,14 +63,18 @@ class LidarDataset(Dataset[LidarSample]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> LidarSample:
+    def __getitem__(self, key: int) -> LidarSample:
+        """Item `key % len(self)`; a key of `epoch * len(self) + i` (an epoch-tagging sampler) also sets the
+        epoch of the augmentation, so DataLoader worker processes need no shared state."""
+        epoch, i = divmod(int(key), len(self.index))
+        epoch = epoch or self.epoch
         sample = self.index[i]
         points = load_sweeps(sample, num_sweeps=self.num_sweeps)
         gt = sample.gt
         keep = gt.num_lidar_pts >= self.min_points
         boxes, labels = gt.boxes[keep].copy(), gt.labels[keep].copy()
         if self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             points, boxes = _augment(points, boxes, self.augment, rng)
         lo, hi = np.asarray(self.point_range[:3]), np.asarray(self.point_range[3:])
         points = points[np.all((points[:, :3] >= lo) & (points[:, :3] <= hi), axis=1)]

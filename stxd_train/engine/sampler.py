@@ -58,7 +58,7 @@ class ResumableSampler(Sampler[list[int]]):
     """
 
     def __init__(self, length: int, *, batch_size: int, shuffle: bool, seed: int, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False) -> None:
+                 world_size: int = 1, drop_last: bool = False, tag_epoch: bool = False) -> None:
         checks = [
             (length >= 1, "length", length, "at least 1 sample"),
             (batch_size >= 1, "batch_size", batch_size, "at least 1"),
@@ -78,6 +78,8 @@ class ResumableSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.tag_epoch = tag_epoch
+        """Yield `epoch * length + i` instead of `i`, so a dataset can seed per-epoch randomness exactly."""
         self.epoch = 0
         self.consumed_samples = 0
         """Samples of the current epoch's global order that the loop has trained on."""
@@ -112,7 +114,8 @@ class ResumableSampler(Sampler[list[int]]):
         # Eager, so that what is skipped is fixed when the DataLoader creates its iterator.
         order = self.order(self.epoch)
         starts = range(self.consumed_samples, len(order), self.global_batch)
-        batches = [order[s:s + self.global_batch][self.rank::self.world_size].tolist() for s in starts]
+        offset = self.epoch * self.length if self.tag_epoch else 0
+        batches = [(order[s:s + self.global_batch][self.rank::self.world_size] + offset).tolist() for s in starts]
         return iter(batches)
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,0 +1,151 @@
+"""Training and evaluating the LiDAR teacher with the stage-two engine (`stxd-train teacher`, `eval`).
+
+A run folder holds `config.yaml` (the resolved run config, with the dataset it was trained on),
+`checkpoints/`, `metrics.jsonl`, `tb/`, and, when training finishes, `teacher.pt`: the native teacher
+checkpoint that `stxd-cache extract --teacher` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.config import to_dict
+from pipelines.errors import ConfigError
+from stxd_cache.teacher.config import TeacherConfig
+from stxd_cache.teacher.data import AugmentConfig, LidarBatch, LidarDataset, collate
+from stxd_train.engine import OptimConfig, TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherDataConfig:
+    """Which samples the teacher trains and evaluates on, and how they are loaded."""
+
+    train_splits: tuple[str, ...] = field(default=("synth_train",), metadata={"help": "training splits"})
+    val_split: str = field(default="synth_val", metadata={"help": "split scored by `stxd-train eval`"})
+    batch_size: int = field(default=2, metadata={"help": "samples per step"})
+    num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes"})
+    min_points: int = field(default=1, metadata={"help": "GT boxes with fewer LiDAR points are not targets"})
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "global augmentation"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or not self.train_splits:
+            raise ConfigError(f"teacher data: found batch_size {self.batch_size}, num_workers {self.num_workers}, "
+                              f"train_splits {self.train_splits}; expected >= 1, >= 0 and at least one split")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherRunConfig:
+    """configs/teacher/*.yaml: the teacher architecture and how to train it."""
+
+    model: TeacherConfig
+    data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+class TeacherLoss(nn.Module):
+    """The engine's model protocol for the teacher: a batch in, its weighted loss terms out."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, batch: LidarBatch) -> dict[str, torch.Tensor]:
+        return self.teacher.loss(self.teacher(batch.points), batch.gt_boxes, batch.gt_labels)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: str | Path, resume: bool = False,
+                  device: str = "auto") -> Path:
+    """Train the teacher into run folder `out`; returns the path of the exported `teacher.pt`."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.nuscenes import SampleIndex
+    from stxd_cache.teacher.checkpoint import save_teacher
+    from stxd_cache.teacher.model import build_teacher
+    from stxd_train.engine import (
+        CheckpointHook,
+        MetricsHook,
+        ProgressHook,
+        ResumableSampler,
+        Trainer,
+        build_optimizer,
+        build_scheduler,
+        loader_generator,
+        save_run_config,
+        seed_everything,
+        seed_worker,
+    )
+
+    out = Path(out)
+    dev = _device(device)
+    tc, dc = cfg.train, cfg.data
+    seed_everything(tc.seed)
+    index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=0, max_sweeps=cfg.model.num_sweeps)
+    if len(index) == 0:
+        raise ConfigError(f"no samples in {', '.join(dc.train_splits)} of {dataroot} ({version})")
+    dataset = LidarDataset(index, num_sweeps=cfg.model.num_sweeps, point_range=cfg.model.voxel.point_range,
+                           augment=dc.augment, seed=tc.seed, min_points=dc.min_points)
+    sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
+                               tag_epoch=True)
+    data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
+                      worker_init_fn=seed_worker, generator=loader_generator(tc.seed),
+                      persistent_workers=False)
+    teacher = build_teacher(cfg.model, device=dev)
+    model = TeacherLoss(teacher).to(dev)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
+    hooks = [CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
+             MetricsHook(every=tc.log_every), ProgressHook()]
+    save_run_config(out, {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)})
+    start = time.perf_counter()
+    Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
+            hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)
+    (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    save_teacher(teacher, cfg.model, out / "teacher.pt")
+    return out / "teacher.pt"
+
+
+def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str = "auto",
+                     dataroot: str | None = None) -> dict[str, Any]:
+    """Decode the teacher of run folder `run` on `split` and score it with the real DetectionEval."""
+    from pipelines.config import read_yaml
+    from pipelines.evaluation import Detections, build_submission, evaluate
+    from pipelines.nuscenes import SampleIndex, load_nuscenes
+    from stxd_cache.teacher.checkpoint import load_teacher
+
+    run = Path(run)
+    saved = read_yaml(run / "config.yaml")
+    dev = _device(device)
+    loaded = load_teacher(run / "teacher.pt", device=dev)
+    teacher = loaded.model.eval()
+    root = dataroot or saved["dataroot"]
+    split = split or saved["data"]["val_split"]
+    nusc = load_nuscenes(root, saved["version"])
+    index = SampleIndex.from_nuscenes(nusc, [split], k_prev=0, max_sweeps=loaded.config.num_sweeps)
+    dataset = LidarDataset(index, num_sweeps=loaded.config.num_sweeps, point_range=loaded.config.voxel.point_range)
+    predictions: dict[str, Detections] = {}
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            det = teacher.decode(teacher([item.points.to(dev)]))[0]
+            predictions[item.token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
+                                                 labels=det.labels.cpu().numpy())
+    submission = build_submission(index, predictions, use_lidar=True)
+    metrics = evaluate(nusc, submission, split, run / "eval" / split)
+    metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
