@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import from_dict, load_config, to_dict
+from pipelines.config import from_dict, to_dict
 from pipelines.errors import StxdError
 
 NATIVE_FORMAT = "stxd-teacher/1"
@@ -84,6 +84,15 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     return data
 
 
+def load_teacher_config(path: str | Path) -> Any:
+    """The `TeacherConfig` of a teacher YAML: the `model:` section of a run config, or a bare model config."""
+    from pipelines.config import read_yaml
+    from stxd_cache.teacher.config import TeacherConfig
+
+    data = read_yaml(path)
+    return from_dict(TeacherConfig, data["model"] if "model" in data else data, where=f"{path}:model")
+
+
 def detect_format(data: dict[str, Any]) -> str:
     """'native', 'mmdet3d' or 'openpcdet', from the checkpoint's keys."""
     if data.get("format") == NATIVE_FORMAT:
@@ -130,7 +139,7 @@ def load_teacher(path: str | Path, *, device: torch.device | str = "cpu", config
         raise CheckpointError(f"teacher checkpoint {path} is not a stxd, mmdet3d or OpenPCDet CenterPoint "
                               f"checkpoint (top-level keys: {', '.join(sorted(map(str, data))[:8])})")
     if config_path is not None:
-        cfg = load_config(TeacherConfig, config_path)
+        cfg = load_teacher_config(config_path)
     elif fmt == "native":
         cfg = from_dict(TeacherConfig, data["config"], where=f"{path}:config")
     else:
