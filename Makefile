@@ -27,11 +27,30 @@ lint: venv
 
 demo: venv
 	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse
-	$(BIN)/stxd-data check --dataroot $(DEMO_OUT)/data --version v1.0-synth
+	$(BIN)/stxd-data check --dataroot $(DEMO_OUT)/data --version v1.0-synth --no-files
+	$(MAKE) $(DEMO_OUT)/teacher/teacher.pt
+	$(BIN)/stxd-train eval --run $(DEMO_OUT)/teacher
+	$(BIN)/stxd-cache extract --dataroot $(DEMO_OUT)/data --version v1.0-synth --splits synth_train,synth_val \
+		--teacher $(DEMO_OUT)/teacher/teacher.pt --config configs/cache/synth.yaml --out $(DEMO_OUT)/cache.zarr
+	$(BIN)/stxd-cache verify $(DEMO_OUT)/cache.zarr --dataroot $(DEMO_OUT)/data
+
+# The demo teacher trains once (about 15 minutes on 2 cores); delete the folder to train it again.
+$(DEMO_OUT)/teacher/teacher.pt:
+	rm -rf $(DEMO_OUT)/teacher
+	$(BIN)/stxd-train teacher --config configs/teacher/centerpoint_synth.yaml --dataroot $(DEMO_OUT)/data \
+		--version v1.0-synth --out $(DEMO_OUT)/teacher --no-eval
 
 smoke: venv
 	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(OUT)/data --version v1.0-synth
+	rm -rf $(OUT)/teacher $(OUT)/cache.zarr
+	$(BIN)/stxd-train teacher --config configs/teacher/centerpoint_synth.yaml --dataroot $(OUT)/data \
+		--version v1.0-synth --out $(OUT)/teacher --set train.max_steps=20 --set train.checkpoint_every=10 \
+		--set train.log_every=5
+	$(BIN)/stxd-cache extract --dataroot $(OUT)/data --version v1.0-synth --splits synth_train,synth_val \
+		--teacher $(OUT)/teacher/teacher.pt --config configs/cache/synth.yaml --out $(OUT)/cache.zarr
+	$(BIN)/stxd-cache verify $(OUT)/cache.zarr --dataroot $(OUT)/data
+	$(BIN)/stxd-cache info $(OUT)/cache.zarr
 
 clean:
 	rm -rf out .pytest_cache
