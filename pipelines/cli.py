@@ -47,7 +47,7 @@ def synth(out: str, config_path: str | None, scenes: int | None, samples_per_sce
     summary = generate(cfg, out, workers=workers, overwrite=overwrite, reuse=reuse, progress=progress)
     bar.close()
     train, val = cfg.split_scenes
-    verb = "wrote" if bar.n else "kept"
+    verb = "kept" if summary.reused else "wrote"
     click.echo(f"{verb} {summary.root} ({summary.version}): {summary.scenes} scenes, {summary.samples} samples, "
                f"{summary.annotations} annotations, {summary.bytes_on_disk / 2**20:.1f} MiB in "
                f"{summary.seconds:.1f} s")

@@ -96,8 +96,14 @@ def verify(cache: str, dataroot: str | None, version: str | None) -> None:
         by_token = {s.token: s for s in index}
         scenes = [by_token[t].scene_token if t in by_token else "" for t in reader.tokens]
         timestamps = [by_token[t].timestamp if t in by_token else -1 for t in reader.tokens]
-    report = run_verify(cache, scenes=scenes, timestamps=timestamps,
-                        progress=lambda it: tqdm(it, desc="verify", unit="row", disable=None, leave=False))
+    bar = tqdm(desc="verify", unit="row", disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    report = run_verify(cache, scenes=scenes, timestamps=timestamps, progress=progress)
+    bar.close()
     if report.ok:
         click.echo(f"ok: {cache} verified")
         return

@@ -275,11 +275,12 @@ class ArraySpec:
 INDEX_CHUNK_ROWS = 1024
 
 #: Arrays written by `write_unit` (all but `sample_token` and `prev_index`, written at creation, and `done`).
-UNIT_ARRAYS = ("bev", "bev_scale", "tokens", "boxes", "box_scores", "box_labels", "box_probs", "box_count")
+UNIT_ARRAYS = ("bev", "bev_scale", "bev_offset", "tokens", "boxes", "box_scores", "box_labels", "box_probs",
+               "box_count")
 
 
 def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
-    """The cache's arrays, in storage order; `bev_scale` only in int8 mode."""
+    """The cache's arrays, in storage order; `bev_scale` and `bev_offset` only in int8 mode."""
     c, (h, w), t, m = meta.channels, meta.grid_shape, meta.num_tokens, meta.box_capacity
     int8 = meta.precision == "int8"
     specs = [
@@ -287,6 +288,7 @@ def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
         ArraySpec("prev_index", (meta.k_max,), "int32", -1, ("sample", "past"), "index"),
         ArraySpec("bev", (c, h, w), "int8" if int8 else "float16", 0, ("sample", "channel", "y", "x"), "row"),
         ArraySpec("bev_scale", (c,), "float32", 0.0, ("sample", "channel"), "row"),
+        ArraySpec("bev_offset", (c,), "float32", 0.0, ("sample", "channel"), "row"),
         ArraySpec("tokens", (t, c), "float16", 0.0, ("sample", "token", "channel"), "row"),
         ArraySpec("boxes", (m, BOX_DIM), "float32", 0.0, ("sample", "box", "param"), "row"),
         ArraySpec("box_scores", (m,), "float32", 0.0, ("sample", "box"), "row"),
@@ -295,7 +297,7 @@ def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
         ArraySpec("box_count", (), "int32", 0, ("sample",), "unit"),
         ArraySpec("done", (), "bool", False, ("sample",), "unit"),
     ]
-    return {s.name: s for s in specs if s.name != "bev_scale" or int8}
+    return {s.name: s for s in specs if s.name not in ("bev_scale", "bev_offset") or int8}
 
 
 def rows_per_file(spec: ArraySpec, rows_per_shard: int) -> int:
@@ -364,24 +366,31 @@ def pool_tokens(bev: np.ndarray, token_grid: int) -> np.ndarray:
     return np.swapaxes(pooled, -1, -2).astype(np.float32)
 
 
-def quantise_int8(bev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: `q: (C, H, W) int8` and `scale: (C,) float32` with `bev ≈ q * scale`.
+def quantise_int8(bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine per-channel int8: `q: (C, H, W) int8`, `scale` and `offset: (C,) float32`, `bev ≈ q * scale + offset`.
 
-    `scale = max|bev_c| / 127`; an all-zero channel gets scale 0 and q 0.
+    Each channel's [min, max] is mapped onto the 255 steps of [-127, 127] around `offset = (min + max) / 2`,
+    `scale = (max - min) / 254`. Affine rather than symmetric because teacher BEV features come out of a
+    ReLU: a symmetric code would spend half its levels on values that never occur. A constant channel
+    gets scale 0 and is stored exactly in `offset`.
     """
     c = bev.shape[0]
-    peak = np.abs(bev).reshape(c, -1).max(axis=1)
-    scale = (peak / np.float32(127)).astype(np.float32)
+    flat = bev.reshape(c, -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    offset = ((lo + hi) / 2).astype(np.float32)
+    scale = ((hi - lo) / np.float32(254)).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint(bev / safe[:, None, None]), -127, 127).astype(np.int8)
-    return q, scale
+    q = np.clip(np.rint((bev - offset[:, None, None]) / safe[:, None, None]), -127, 127).astype(np.int8)
+    return q, scale, offset
 
 
-def decode_bev(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """float32 features from a stored `bev` row, or rows (`scale` is the matching `bev_scale`, None for fp16)."""
+def decode_bev(stored: np.ndarray, scale: np.ndarray | None, offset: np.ndarray | None = None) -> np.ndarray:
+    """float32 features from a stored `bev` row, or rows; `scale`/`offset` are the matching `bev_scale` and
+    `bev_offset` (None for fp16)."""
     if scale is None:
         return stored.astype(np.float32)
-    return stored.astype(np.float32) * scale.astype(np.float32)[..., None, None]
+    out = stored.astype(np.float32) * scale.astype(np.float32)[..., None, None]
+    return out if offset is None else out + offset.astype(np.float32)[..., None, None]
 
 
 def _field(record: TeacherRecord, name: str, shape: Sequence[int | None], token: str, hint: str) -> np.ndarray:
@@ -425,7 +434,7 @@ def encode_record(record: TeacherRecord, meta: CacheMeta, token: str) -> dict[st
                           f"{FP16_MAX:g}; expected teacher features within fp16 range (check the checkpoint)")
     row: dict[str, np.ndarray] = {}
     if meta.precision == "int8":
-        row["bev"], row["bev_scale"] = quantise_int8(bev)
+        row["bev"], row["bev_scale"], row["bev_offset"] = quantise_int8(bev)
     else:
         row["bev"] = bev.astype(np.float16)
     row["tokens"] = tokens.astype(np.float16)
@@ -506,7 +515,7 @@ def row_problems(block: Mapping[str, np.ndarray], meta: CacheMeta, check: np.nda
     out: list[tuple[int, str]] = []
     for k in np.flatnonzero(check):
         scale = block["bev_scale"][k] if "bev_scale" in block else None
-        bev = decode_bev(block["bev"][k], scale)
+        bev = decode_bev(block["bev"][k], scale, block["bev_offset"][k] if "bev_offset" in block else None)
         tokens = block["tokens"][k].astype(np.float32)
         with np.errstate(invalid="ignore", over="ignore"):
             peak = np.abs(bev).max(axis=(1, 2))

@@ -395,13 +395,15 @@ class CacheReader:
         if not_done:
             raise CacheIncompleteError(f"cache {self.path}: rows {_row_names(self.tokens, not_done)} needed for "
                                        f"sample {self.tokens[i]} are not written yet; finish the extraction first")
-        scale = self._rows("bev_scale", [i])[0] if self.meta.precision == "int8" else None
+        int8 = self.meta.precision == "int8"
+        scale = self._rows("bev_scale", [i])[0] if int8 else None
+        offset = self._rows("bev_offset", [i])[0] if int8 else None
         past_tokens = np.zeros((len(past), self.meta.num_tokens, self.meta.channels), np.float32)
         if valid.any():
             past_tokens[valid] = self._rows("tokens", past[valid].tolist())
         count = int(self._rows("box_count", [i])[0])
         return CacheRecord(
-            index=i, token=self.tokens[i], bev=decode_bev(self._rows("bev", [i])[0], scale),
+            index=i, token=self.tokens[i], bev=decode_bev(self._rows("bev", [i])[0], scale, offset),
             tokens=self._rows("tokens", [i])[0].astype(np.float32), past_tokens=past_tokens, past_valid=valid,
             boxes=self._rows("boxes", [i])[0], scores=self._rows("box_scores", [i])[0],
             labels=self._rows("box_labels", [i])[0].astype(np.int64),

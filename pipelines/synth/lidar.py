@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.synth import ground as ground_mod
-from pipelines.synth.raycast import ray_box, ray_ground
+from pipelines.synth.raycast import Solid, ray_ground, ray_solid
 
 ELEVATIONS_DEG = np.linspace(-30.67, 10.67, 32)
 MAX_RANGE = 70.0
 
 #: Mean LiDAR intensity per detection class label (devkit order).
-_CLASS_INTENSITY = np.array([32.0, 28.0, 26.0, 30.0, 24.0, 48.0, 20.0, 18.0, 12.0, 85.0], dtype=np.float32)
+_CLASS_INTENSITY = np.array([32.0, 28.0, 26.0, 30.0, 24.0, 48.0, 40.0, 14.0, 12.0, 85.0], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,8 @@ class Beams:
         return Beams(dirs=dirs, ring=ring, azimuth_steps=azimuth_steps)
 
 
-def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float, boxes: np.ndarray,
-         labels: np.ndarray, ground: ground_mod.Ground, rng: np.random.Generator
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """One revolution.
-
-    Args:
-        beams: the ray pattern.
-        sensor_xy, sensor_z, sensor_yaw: sensor pose in the global frame (the ground is z = 0).
-        boxes: (N, 9) global boxes; labels: (N,) class labels.
-        ground: the scene's ground raster (for intensities).
-
-    Returns:
-        points (P, 5) float32 [x, y, z, intensity, ring] in the sensor frame, and
-        hit_box (P,) int64: the index into `boxes` that each point lies on, -1 for the ground.
-    """
+def _to_sensor(boxes: np.ndarray, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float) -> np.ndarray:
+    """Global boxes (N, 9) in the sensor frame (velocities left in global axes: unused here)."""
     c, s = np.cos(sensor_yaw), np.sin(sensor_yaw)
     rel = boxes[:, :2] - sensor_xy
     local = boxes.copy()
@@ -62,6 +49,26 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
     local[:, 1] = -s * rel[:, 0] + c * rel[:, 1]
     local[:, 2] = boxes[:, 2] - sensor_z
     local[:, 6] = boxes[:, 6] - sensor_yaw
+    return local
+
+
+def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float, boxes: np.ndarray,
+         solids: list[Solid], labels: np.ndarray, ground: ground_mod.Ground, rng: np.random.Generator
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One revolution.
+
+    Args:
+        beams: the ray pattern.
+        sensor_xy, sensor_z, sensor_yaw: sensor pose in the global frame (the ground is z = 0).
+        boxes: (N, 9) global annotation boxes; solids: the N objects' shapes (global); labels: (N,).
+        ground: the scene's ground raster (for intensities).
+
+    Returns:
+        points (P, 5) float32 [x, y, z, intensity, ring] in the sensor frame, and
+        hit_box (P,) int64: the index into `boxes` that each point lies on, -1 for the ground.
+    """
+    c, s = np.cos(sensor_yaw), np.sin(sensor_yaw)
+    local = _to_sensor(boxes, sensor_xy, sensor_z, sensor_yaw)
 
     n_az = beams.azimuth_steps
     depth = ray_ground(sensor_z, beams.dirs, MAX_RANGE)
@@ -74,7 +81,8 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
             continue
         cols = _azimuth_columns(box, n_az)
         idx = (np.arange(len(ELEVATIONS_DEG))[:, None] * n_az + cols[None, :]).ravel()
-        t_in, t_out, _, _ = ray_box(origin, beams.dirs[idx], box)
+        parts = Solid(_to_sensor(solids[i].parts, sensor_xy, sensor_z, sensor_yaw), solids[i].cabin)
+        t_in, t_out, _, _, _ = ray_solid(origin, beams.dirs[idx], parts)
         closer = t_in < np.minimum(depth[idx], MAX_RANGE)
         sel = idx[closer]
         depth[sel] = t_in[closer]

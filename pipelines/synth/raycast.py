@@ -3,6 +3,8 @@ and the camera renderer, so that both sensors see exactly the same world."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -42,6 +44,31 @@ def ray_box(origin: np.ndarray, dirs: np.ndarray, box: np.ndarray
     face = (2 * axis + sign).astype(np.int8)
     local = o_local + d_local * np.where(hit, t_enter, 0.0)[:, None]
     return t_enter, t_exit, face, local
+
+
+@dataclass(frozen=True)
+class Solid:
+    """An object as the union of upright boxes standing on the ground (its annotation box encloses them)."""
+
+    parts: np.ndarray    # (K, 9) boxes in the frame of the rays
+    cabin: np.ndarray    # (K,) bool: the part that carries windows (vehicles)
+
+
+def ray_solid(origin: np.ndarray, dirs: np.ndarray, solid: Solid
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest hit of rays on any part of `solid`: like `ray_box`, plus the index of the hit part (R,)."""
+    best = None
+    for k, part in enumerate(solid.parts):
+        hit = ray_box(origin, dirs, part)
+        if best is None:
+            best = (*hit, np.zeros(len(dirs), dtype=np.int64))
+            continue
+        closer = hit[0] < best[0]
+        best = (np.where(closer, hit[0], best[0]), np.where(closer, hit[1], best[1]),
+                np.where(closer, hit[2], best[2]), np.where(closer[:, None], hit[3], best[3]),
+                np.where(closer, k, best[4]))
+    assert best is not None, "a solid has at least one part"
+    return best
 
 
 def ray_ground(origin_z: float, dirs: np.ndarray, max_t: float = np.inf) -> np.ndarray:

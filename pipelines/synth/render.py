@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.synth import ground as ground_mod
-from pipelines.synth.raycast import ray_box, ray_ground, world_normals
+from pipelines.synth.raycast import Solid, ray_ground, ray_solid, world_normals
 from pipelines.synth.rig import Camera
 
 _SKY_HORIZON = np.array([196.0, 206.0, 216.0])
@@ -29,14 +29,15 @@ class RenderedBoxes:
 
 
 def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, boxes: np.ndarray,
-           labels: np.ndarray, colors: np.ndarray, ground: ground_mod.Ground, sun: np.ndarray,
-           rng: np.random.Generator) -> tuple[np.ndarray, RenderedBoxes]:
+           solids: list[Solid], labels: np.ndarray, colors: np.ndarray, ground: ground_mod.Ground,
+           sun: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, RenderedBoxes]:
     """Render one camera image.
 
     Args:
         camera: intrinsics and image size.
         position: (3,) camera centre, global frame; world_from_camera: (3, 3) rotation.
-        boxes: (N, 9) global boxes; labels: (N,) class labels; colors: (N, 3) base RGB 0..255.
+        boxes: (N, 9) global annotation boxes; solids: the N objects' shapes (global);
+        labels: (N,) class labels; colors: (N, 3) base RGB 0..255.
         ground: the scene's ground raster. sun: (3,) unit vector towards the sun.
 
     Returns:
@@ -52,17 +53,21 @@ def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, 
     owner = np.full(len(dirs), -1, dtype=np.int64)
     face = np.zeros(len(dirs), dtype=np.int8)
     local = np.zeros((len(dirs), 3))
+    part_height = np.ones(len(dirs))
+    cabin = np.zeros(len(dirs), dtype=bool)
     full = np.zeros(len(boxes), dtype=np.int64)
     for i, box in enumerate(boxes):
         idx = _candidate_pixels(camera, position, world_from_camera, box)
         if idx is None:
             continue
-        t_in, _, f, loc = ray_box(position, dirs[idx], box)
+        t_in, _, f, loc, part = ray_solid(position, dirs[idx], solids[i])
         hit = np.isfinite(t_in)
         full[i] = int(hit.sum())
         closer = hit & (t_in < depth[idx])
         sel = idx[closer]
         depth[sel], owner[sel], face[sel], local[sel] = t_in[closer], i, f[closer], loc[closer]
+        part_height[sel] = solids[i].parts[part[closer], 5]
+        cabin[sel] = solids[i].cabin[part[closer]]
 
     color = np.empty((len(dirs), 3))
     sky = ~np.isfinite(depth)
@@ -74,7 +79,8 @@ def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, 
     color[on_ground] = albedo * (0.55 + 0.45 * max(sun[2], 0.0))
     on_box = owner >= 0
     if np.any(on_box):
-        color[on_box] = _shade_boxes(boxes, labels, colors, owner[on_box], face[on_box], local[on_box], sun)
+        color[on_box] = _shade_boxes(boxes, labels, colors, owner[on_box], face[on_box], local[on_box],
+                                     part_height[on_box], cabin[on_box], sun)
     fog = 1.0 - np.exp(-np.where(np.isfinite(depth), depth, 0.0) / 350.0)
     color = color * (1 - fog[:, None]) + _FOG * fog[:, None]
     color += rng.normal(0.0, 2.0, size=color.shape)
@@ -111,19 +117,22 @@ def _candidate_pixels(camera: Camera, position: np.ndarray, world_from_camera: n
 
 
 def _shade_boxes(boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, owner: np.ndarray,
-                 face: np.ndarray, local: np.ndarray, sun: np.ndarray) -> np.ndarray:
-    """(P, 3) shaded colour of box pixels from the owner's base colour, the face and the hit height."""
+                 face: np.ndarray, local: np.ndarray, part_height: np.ndarray, cabin: np.ndarray,
+                 sun: np.ndarray) -> np.ndarray:
+    """(P, 3) shaded colour of object pixels from the owner's base colour, the face and the hit height;
+    `local` is relative to the hit part, whose height is `part_height`; `cabin` marks window-bearing parts."""
     yaw = boxes[owner, 6]
     normals = world_normals(face, yaw)
     light = 0.5 + 0.5 * np.clip(normals @ sun, 0.0, 1.0)
     base = colors[owner].copy()
     label = labels[owner]
     height = boxes[owner, 5]
-    zf = local[:, 2] / height + 0.5                      # 0 at the bottom, 1 at the top
+    zf = (local[:, 2] + part_height / 2) / height        # height above ground over the object's height
     yf = local[:, 1] / boxes[owner, 3] + 0.5             # 0 on the right side, 1 on the left
     side = face < 4
     vehicle = np.isin(label, _VEHICLE_LABELS)
-    base = np.where((vehicle & side & (zf > 0.68))[:, None], 0.3 * base + np.array([38.0, 44.0, 56.0]), base)
+    base = np.where((vehicle & side & cabin & (zf > 0.68))[:, None], 0.3 * base + np.array([38.0, 44.0, 56.0]),
+                    base)
     base = np.where((vehicle & side & (zf < 0.14))[:, None], 0.3 * base, base)
     ped = label == _PEDESTRIAN
     base = np.where((ped & (zf < 0.42))[:, None], 0.45 * base + 18.0, base)

@@ -16,6 +16,7 @@ from pipelines.geometry import quaternion_from_yaw
 from pipelines.synth import ground as ground_mod
 from pipelines.synth import lidar, palette, render, rig, world
 from pipelines.synth.config import SynthConfig
+from pipelines.synth.raycast import Solid
 
 ANNOTATION_RANGE = 60.0   # m from the ego: objects annotated in a keyframe
 BASE_TIMESTAMP = 1_700_000_000_000_000   # µs
@@ -123,7 +124,8 @@ def simulate(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, list[dic
         ts = base_us + t_us
         boxes = world.actor_states(road, actors, t)
         lidar_xy = xy + _rot2(yaw) @ np.array(rig.LIDAR_TRANSLATION[:2])
-        points, hit = lidar.scan(beams, lidar_xy, rig.LIDAR_TRANSLATION[2], yaw + rig.LIDAR_YAW, boxes,
+        solids = [Solid(*world.solid_parts(box, actor.class_name)) for box, actor in zip(boxes, actors, strict=True)]
+        points, hit = lidar.scan(beams, lidar_xy, rig.LIDAR_TRANSLATION[2], yaw + rig.LIDAR_YAW, boxes, solids,
                                  labels, ground, rng_sensor)
         folder = "samples" if is_key else "sweeps"
         name = f"{folder}/LIDAR_TOP/{log_name}__LIDAR_TOP__{ts}.pcd.bin"
@@ -143,7 +145,8 @@ def simulate(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, list[dic
         for cam in cameras:
             w_from_c = _rot3(yaw) @ cam.ego_from_camera_rotation
             position = np.array([*xy, 0.0]) + _rot3(yaw) @ np.array(cam.translation)
-            image, counts = render.render(cam, position, w_from_c, boxes, labels, colors, ground, sun, rng_sensor)
+            image, counts = render.render(cam, position, w_from_c, boxes, solids, labels, colors, ground, sun,
+                                          rng_sensor)
             visible[k] += counts.visible
             coverage[k] += counts.full
             name = f"samples/{cam.channel}/{log_name}__{cam.channel}__{ts}.jpg"

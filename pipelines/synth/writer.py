@@ -40,6 +40,7 @@ class SynthSummary:
     annotations: int
     seconds: float
     bytes_on_disk: int
+    reused: bool = False
 
 
 def _scene_job(args: tuple[SynthConfig, int, str]) -> dict[str, list[dict[str, Any]]]:
@@ -64,7 +65,7 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     table_dir = root / cfg.version
     stamp = table_dir / CONFIG_FILE   # written last: its presence means the generation completed
     if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == to_dict(cfg):
-        return _summary(root, cfg, time.perf_counter() - start)
+        return _summary(root, cfg, time.perf_counter() - start, reused=True)
     existing = [p for p in (table_dir, *(root / f for f in _OUTPUT_FOLDERS)) if p.exists()]
     if existing and not overwrite:
         raise DatasetError(f"{root} already holds a dataset ({', '.join(str(p) for p in existing)}); "
@@ -105,13 +106,13 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     return _summary(root, cfg, time.perf_counter() - start)
 
 
-def _summary(root: Path, cfg: SynthConfig, seconds: float) -> SynthSummary:
+def _summary(root: Path, cfg: SynthConfig, seconds: float, reused: bool = False) -> SynthSummary:
     table_dir = root / cfg.version
     samples = len(json.loads((table_dir / "sample.json").read_text()))
     annotations = len(json.loads((table_dir / "sample_annotation.json").read_text()))
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     return SynthSummary(root=root, version=cfg.version, scenes=cfg.scenes, samples=samples,
-                        annotations=annotations, seconds=seconds, bytes_on_disk=size)
+                        annotations=annotations, seconds=seconds, bytes_on_disk=size, reused=reused)
 
 
 def _shared_tables(seed: int) -> dict[str, list[dict[str, Any]]]:
