@@ -81,11 +81,11 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
         MetricsHook,
         ProgressHook,
         ResumableSampler,
+        RunConfigHook,
         Trainer,
         build_optimizer,
         build_scheduler,
         loader_generator,
-        save_run_config,
         seed_everything,
         seed_worker,
     )
@@ -108,9 +108,10 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     model = TeacherLoss(teacher).to(dev)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
-    hooks = [CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
+    run_config = {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)}
+    hooks = [RunConfigHook(config=run_config),
+             CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
              MetricsHook(every=tc.log_every), ProgressHook()]
-    save_run_config(out, {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)})
     start = time.perf_counter()
     Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
             hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)

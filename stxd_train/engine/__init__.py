@@ -38,7 +38,7 @@ from stxd_train.engine.distributed import (
     unwrap_model,
     world_size,
 )
-from stxd_train.engine.hooks import CheckpointHook, HookBase, MetricsHook, ProgressHook
+from stxd_train.engine.hooks import CheckpointHook, HookBase, MetricsHook, ProgressHook, RunConfigHook
 from stxd_train.engine.optim import OptimConfig, build_optimizer, build_scheduler
 from stxd_train.engine.sampler import (
     ResumableSampler,
@@ -58,6 +58,7 @@ __all__ = [
     "OptimConfig",
     "ProgressHook",
     "ResumableSampler",
+    "RunConfigHook",
     "TrainConfig",
     "Trainer",
     "TrainingError",

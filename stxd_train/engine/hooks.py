@@ -9,6 +9,7 @@ runs stop matching uninterrupted ones.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from stxd_train.engine.checkpoint import (
     atomic_write,
     keep_copy,
     save_checkpoint,
+    save_run_config,
     step_checkpoint_name,
 )
 from stxd_train.engine.distributed import is_main_process, reduce_dict
@@ -194,3 +196,18 @@ class ProgressHook(HookBase):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class RunConfigHook(HookBase):
+    """Writes the resolved run config to `out_dir/config.yaml` when training starts.
+
+    As a hook it runs after the trainer has checked the folder (a fresh run never overwrites the
+    config of an existing one) and after a resume has loaded its checkpoint.
+    """
+
+    def __init__(self, *, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+
+    def before_train(self) -> None:
+        if is_main_process():
+            save_run_config(self.trainer.out_dir, self.config)
