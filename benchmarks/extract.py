@@ -33,8 +33,9 @@ def main(dataroot: str, version: str, teacher_path: str, splits: str, config_pat
     from pipelines.lidar import load_sweeps
     from pipelines.nuscenes import SampleIndex
     from stxd_cache.extract import ExtractConfig, ExtractJob, extract
-    from stxd_cache.store import cache_info, open_cache
+    from stxd_cache.store import open_cache
     from stxd_cache.teacher.checkpoint import load_teacher
+    from stxd_cache.verify import cache_info
 
     cfg = load_config(ExtractConfig, config_path)
     split_names = tuple(splits.split(","))

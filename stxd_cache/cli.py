@@ -47,7 +47,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     from pipelines.config import load_config
     from stxd_cache.extract import ExtractConfig, ExtractJob
     from stxd_cache.extract import extract as run_extract
-    from stxd_cache.store import cache_info
+    from stxd_cache.verify import cache_info
 
     if workers and scheduler:
         raise click.UsageError("pass either --workers or --scheduler, not both")
@@ -71,7 +71,7 @@ def info(cache: str) -> None:
     """Print a cache's fingerprint, sizes and completeness."""
     import json
 
-    from stxd_cache.store import cache_info
+    from stxd_cache.verify import cache_info
 
     click.echo(json.dumps(cache_info(cache), indent=2, default=str))
 
@@ -85,7 +85,7 @@ def verify(cache: str, dataroot: str | None, version: str | None) -> None:
     from tqdm import tqdm
 
     from stxd_cache.store import open_cache
-    from stxd_cache.store import verify as run_verify
+    from stxd_cache.verify import verify as run_verify
 
     scenes = timestamps = None
     if dataroot:

@@ -21,10 +21,11 @@ from pipelines.config import from_dict
 from pipelines.grid import resample
 from pipelines.lidar import load_sweeps
 from stxd_cache.extract import ExtractConfig, ExtractJob, extract
-from stxd_cache.store import open_cache, verify
+from stxd_cache.store import open_cache
 from stxd_cache.teacher.checkpoint import CheckpointError, save_teacher
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
+from stxd_cache.verify import verify
 
 BIN = Path(sys.executable).parent
 SPLITS = ("synth_train", "synth_val")

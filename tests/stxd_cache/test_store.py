@@ -24,7 +24,8 @@ from stxd_cache.errors import (
     SampleNotFoundError,
 )
 from stxd_cache.schema import pool_tokens
-from stxd_cache.store import CacheMeta, TeacherRecord, cache_info, create_or_resume, open_cache, verify
+from stxd_cache.store import CacheMeta, TeacherRecord, create_or_resume, open_cache
+from stxd_cache.verify import cache_info, verify
 
 C, HW, M, K = 4, 8, 5, 2
 SCENES = ["scene-a"] * 4 + ["scene-b"] * 6  # S = 10

@@ -1,0 +1,163 @@
+"""Whole-cache checks and summaries: `verify` decodes every chunk and checks the invariants, `cache_info`
+reports the fingerprint, sizes and completeness. Both only read."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from stxd_cache.schema import UNIT_ARRAYS, array_specs, prev_index_problems, row_problems, work_units
+from stxd_cache.store import (
+    _MAX_PROBLEMS,
+    CacheReader,
+    _collect,
+    _object_key,
+    _open_arrays,
+    _open_group,
+    _read_checked,
+    _read_meta,
+    _row_names,
+    _s_extent,
+)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: `ok` when there are no problems."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    """One line per problem, naming the array, row and sample token."""
+    bad_samples: list[str] = field(default_factory=list)
+    """Tokens (or `row N` where the token itself is unreadable) of every sample with a problem, in row order."""
+    rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
+           timestamps: Sequence[int] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Decode every chunk of every array and check the cache's invariants.
+
+    Checks: every stored object present and every chunk passing its crc32c and decoding; `done` all set and
+    `complete`; prev_index (-1 or an earlier row, -1 only at the end, consistent chains; with `scenes` (S,) the
+    same scene and the nearest earlier row of it; with `timestamps` (S,) strictly decreasing times); finite
+    features, tokens that match the pooled BEV, box counts, labels, padding and score order.
+
+    progress: called with (rows checked, S) after each work unit.
+    """
+    path = os.fspath(path)
+    group = _open_group(path, "r")
+    meta = _read_meta(group, path)
+    report = VerifyReport(path=path)
+    n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
+    specs = array_specs(meta)
+    arrays = _open_arrays(group, meta, path, lenient=True)
+    bad_rows: set[int] = set()
+
+    def problem(text: str, rows: Sequence[int] = ()) -> None:
+        bad_rows.update(int(x) for x in rows)
+        report.problems.append(text)
+
+    for name in specs:
+        if name not in arrays:
+            problem(f"array `{name}` is missing or does not match the schema (shape, dtype or chunking)")
+    tokens = [f"row {i}" for i in range(n)]
+    if "sample_token" in arrays:
+        tokens = [str(t) if ok else f"row {i}" for i, (t, ok) in
+                  enumerate(zip(*_read_checked(arrays["sample_token"], range(n)), strict=True))]
+    done, done_ok = _read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
+    for i in np.flatnonzero(~done_ok):
+        problem(f"array `done` row {_row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
+    for name, array in arrays.items():  # absent objects read back as fill values: look for them by key
+        if math.prod(specs[name].row_shape) == 0:
+            continue
+        keys = set(sync(_collect(array.store_path.store.list_prefix(f"{array.store_path.path}/"))))
+        step = _s_extent(array)
+        for j in range(math.ceil(n / step)):
+            rows = range(j * step, min((j + 1) * step, n))
+            # Units not written yet have no objects: only rows marked done, or written at creation, must have
+            # them (and every `done` object in a complete cache).
+            if name == "done":
+                expected = meta.complete
+            else:
+                expected = specs[name].chunking == "index" or bool(done[rows.start:rows.stop].any())
+            if expected and _object_key(array, j) not in keys:
+                problem(f"array `{name}`: stored object `{_object_key(array, j)}` is missing (rows "
+                        f"{_row_names(tokens, rows)})", rows)
+    prev = np.full((n, meta.k_max), -1, np.int32)
+    for unit in work_units(n, r):
+        block: dict[str, np.ndarray] = {}
+        for name, array in arrays.items():
+            if name == "done":
+                continue
+            block[name], ok = _read_checked(array, unit)
+            for k in np.flatnonzero(~ok):
+                problem(f"array `{name}` row {_row_names(tokens, [unit.start + k])} fails to decode (corrupt chunk)",
+                        [unit.start + k])
+        if "prev_index" in block:
+            prev[unit.start:unit.stop] = block["prev_index"]
+        check = done[unit.start:unit.stop] & ~np.isin(np.arange(unit.start, unit.stop), list(bad_rows))
+        if all(name in block for name in UNIT_ARRAYS if name in specs):
+            for k, what in row_problems(block, meta, check):
+                problem(f"row {_row_names(tokens, [unit.start + k])}: {what}", [unit.start + k])
+        report.rows_checked = unit.stop
+        if progress:
+            progress(unit.stop, n)
+    missing = np.flatnonzero(~done & done_ok)
+    if len(missing):
+        problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}); resume the extraction "
+                "to write them", missing)
+    if not meta.complete:
+        problem("the cache is not complete (`complete` is false): finalize has not run; resume the extraction")
+    if "prev_index" in arrays:
+        for row, what in prev_index_problems(prev, scenes=scenes, timestamps=timestamps):
+            problem(f"prev_index row {_row_names(tokens, [row])}: {what}", [row])
+    if len(set(tokens)) != n:
+        problem("`sample_token` holds duplicate tokens")
+    if len(report.problems) > _MAX_PROBLEMS:
+        extra = len(report.problems) - _MAX_PROBLEMS
+        report.problems = [*report.problems[:_MAX_PROBLEMS], f"... and {extra} more problems"]
+    report.bad_samples = [tokens[i] for i in sorted(bad_rows)]
+    return report
+
+
+def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a cache: fingerprint, counts, and sizes on disk against the uncompressed data.
+
+    `uncompressed_bytes` counts the rows written so far (done rows, plus the sample_token and prev_index written
+    at creation); `bytes_per_sample` and `compression_ratio` divide by the done rows and by `bytes_on_disk`.
+    """
+    path = os.fspath(path)
+    group = _open_group(path, "r")
+    meta = _read_meta(group, path)
+    reader = CacheReader(path=path, group=group, meta=meta)
+    done_count = int(reader._done.sum())
+    arrays: dict[str, dict[str, Any]] = {}
+    for name, array in reader._arrays.items():
+        if name == "sample_token":
+            logical = sum(len(t.encode()) for t in reader.tokens)
+        else:
+            rows = len(reader) if name == "prev_index" else done_count
+            logical = rows * math.prod(array.shape[1:]) * array.dtype.itemsize
+        arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "chunks": list(array.chunks),
+                        "shards": list(array.shards) if array.shards else None,
+                        "bytes_on_disk": int(array.nbytes_stored()), "uncompressed_bytes": int(logical)}
+    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) + int(sync(group.store_path.store.getsize("zarr.json")))
+    uncompressed = sum(a["uncompressed_bytes"] for a in arrays.values())
+    return {
+        "path": path, "fingerprint": meta.fingerprint, "created": meta.created, "layout": meta.to_dict()["layout"],
+        "sample_count": len(reader), "done_count": done_count, "complete": meta.complete,
+        "bytes_on_disk": on_disk, "bytes_per_sample": on_disk / done_count if done_count else None,
+        "uncompressed_bytes": uncompressed, "compression_ratio": uncompressed / on_disk if on_disk else None,
+        "arrays": arrays,
+    }
