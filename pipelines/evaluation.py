@@ -95,6 +95,12 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
         result_path.write_text(json.dumps(submission))
     else:
         result_path = Path(submission)
+        submission = json.loads(result_path.read_text())
+    if not any(submission["results"].values()):
+        # The devkit cannot score a submission without a single box; its result would be this one.
+        metrics = _empty_metrics(split, len(submission["results"]))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = DetectionEval(nusc, config=config_factory("detection_cvpr_2019"), result_path=str(result_path),
                                   eval_set=split, output_dir=str(out), verbose=False)
@@ -111,3 +117,12 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _empty_metrics(split: str, samples: int) -> dict[str, Any]:
+    """What DetectionEval gives a split without predictions: AP 0, every TP error at its cap of 1, NDS 0."""
+    errors = {"mATE": 1.0, "mASE": 1.0, "mAOE": 1.0, "mAVE": 1.0, "mAAE": 1.0}
+    return {"split": split, "NDS": 0.0, "mAP": 0.0, **errors,
+            "per_class_AP": {name: 0.0 for name in DETECTION_CLASSES}, "samples": samples,
+            "note": "no predicted boxes"}
+

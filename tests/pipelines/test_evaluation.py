@@ -46,3 +46,10 @@ def test_missing_sample_is_named(val_index) -> None:
     del preds[dropped]
     with pytest.raises(DatasetError, match=dropped):
         build_submission(val_index, preds)
+
+
+def test_a_submission_without_boxes_scores_zero(nusc, val_index, tmp_path: Path) -> None:
+    empty = {s.token: Detections(boxes=np.zeros((0, 9)), scores=np.zeros(0), labels=np.zeros(0, int))
+             for s in val_index}
+    metrics = evaluate(nusc, build_submission(val_index, empty), "synth_val", tmp_path)
+    assert metrics["mAP"] == 0.0 and metrics["NDS"] == 0.0 and metrics["note"] == "no predicted boxes"
