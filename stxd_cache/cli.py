@@ -56,13 +56,21 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
                      teacher_path=teacher_path, teacher_config_path=teacher_config, trust_checkpoint=trust_checkpoint,
                      out=out, cfg=cfg, device=_device(device))
     bar = tqdm(unit="sample", desc="extract", disable=None)
+    extracted = 0
+
+    def progress(rows: int) -> None:
+        nonlocal extracted
+        extracted += rows
+        bar.update(rows)
+
     start = time.perf_counter()
-    meta = run_extract(job, workers=workers, scheduler=scheduler, progress=bar.update)
+    meta = run_extract(job, workers=workers, scheduler=scheduler, progress=progress)
     bar.close()
     seconds = time.perf_counter() - start
     info = cache_info(out)
-    click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({bar.n} extracted now in {seconds:.1f} s), "
-               f"{info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression x{info['compression_ratio']:.2f}")
+    click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({extracted} extracted now in "
+               f"{seconds:.1f} s), {info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression "
+               f"x{info['compression_ratio']:.2f}")
 
 
 @main.command()
