@@ -13,14 +13,6 @@ def main() -> None:
     """Teacher caches for stxd (stage one): extract once, reuse for every student run."""
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 @main.command()
 @click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
 @click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
@@ -47,6 +39,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     from pipelines.config import load_config
     from stxd_cache.extract import ExtractConfig, ExtractJob
     from stxd_cache.extract import extract as run_extract
+    from stxd_cache.teacher.model import resolve_device
     from stxd_cache.verify import cache_info
 
     if workers and scheduler:
@@ -54,7 +47,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     cfg = load_config(ExtractConfig, config_path, overrides, base={"precision": precision} if precision else None)
     job = ExtractJob(dataroot=dataroot, version=version, splits=tuple(s for s in splits.split(",") if s),
                      teacher_path=teacher_path, teacher_config_path=teacher_config, trust_checkpoint=trust_checkpoint,
-                     out=out, cfg=cfg, device=_device(device))
+                     out=out, cfg=cfg, device=str(resolve_device(device)))
     bar = tqdm(unit="sample", desc="extract", disable=None)
     extracted = 0
 

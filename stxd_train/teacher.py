@@ -21,6 +21,7 @@ from pipelines.config import to_dict
 from pipelines.errors import ConfigError
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.data import AugmentConfig, LidarBatch, LidarDataset, collate
+from stxd_cache.teacher.model import resolve_device
 from stxd_train.engine import OptimConfig, TrainConfig
 
 
@@ -62,12 +63,6 @@ class TeacherLoss(nn.Module):
         return self.teacher.loss(self.teacher(batch.points), batch.gt_boxes, batch.gt_labels)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: str | Path, resume: bool = False,
                   device: str = "auto") -> Path:
     """Train the teacher into run folder `out`; returns the path of the exported `teacher.pt`."""
@@ -91,7 +86,7 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     )
 
     out = Path(out)
-    dev = _device(device)
+    dev = resolve_device(device)
     tc, dc = cfg.train, cfg.data
     seed_everything(tc.seed)
     index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=0, max_sweeps=cfg.model.num_sweeps)
@@ -130,7 +125,7 @@ def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str =
 
     run = Path(run)
     saved = read_yaml(run / "config.yaml")
-    dev = _device(device)
+    dev = resolve_device(device)
     loaded = load_teacher(run / "teacher.pt", device=dev)
     teacher = loaded.model.eval()
     root = dataroot or saved["dataroot"]

@@ -277,3 +277,17 @@ def test_cli_info_verify_show_and_corruption(cache: Path, synth_root: Path, tmp_
     bad = subprocess.run([BIN / "stxd-cache", "verify", str(copy)], capture_output=True, text=True)
     assert bad.returncode == 1
     assert any(token in bad.stderr for token in reader.tokens[:4])
+
+
+def test_unsafe_checkpoint_needs_trust(teacher_ckpt: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from stxd_cache.teacher.checkpoint import load_teacher, read_checkpoint
+
+    data = torch.load(teacher_ckpt, weights_only=True)
+    data["args"] = argparse.Namespace(lr=0.1)   # an arbitrary object: weights_only refuses to unpickle it
+    path = tmp_path / "pickled.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        read_checkpoint(path)
+    assert load_teacher(path, trust=True).source_format == "native"
