@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +78,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: found {value!r}, expected {_type_name(tp)}")
     return value
+
+
+def require(where: str, checks: Iterable[tuple[bool, str, Any, str]]) -> None:
+    """Raise a ConfigError for the first failed check `(ok, field, value found, what is expected)`.
+
+    The one validation idiom of the config dataclasses' `__post_init__`: the message names `where`
+    (e.g. "synth config"), the field, the value found and the value expected.
+    """
+    for ok, name, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"{where} field `{name}`: found {value!r}, expected {expected}")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -> T:

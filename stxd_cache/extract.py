@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.errors import ConfigError, DatasetError
+from pipelines.config import require
+from pipelines.errors import DatasetError
 from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex
 
@@ -40,18 +41,19 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.precision in ("fp16", "int8"), "precision", "fp16 or int8"),
-            (self.grid_size > 0 and self.grid_half_extent > 0, "grid_size", "a positive grid"),
-            (self.token_grid > 0 and self.grid_size % self.token_grid == 0, "token_grid",
+            (self.precision in ("fp16", "int8"), "precision", self.precision, "fp16 or int8"),
+            (self.grid_size > 0 and self.grid_half_extent > 0, "grid_size", self.grid_size, "a positive grid"),
+            (self.token_grid > 0 and self.grid_size % self.token_grid == 0, "token_grid", self.token_grid,
              f"a divisor of grid_size {self.grid_size}"),
-            (self.k_max >= 0, "k_max", ">= 0"), (self.box_capacity > 0, "box_capacity", "> 0"),
-            (self.rows_per_shard > 0, "rows_per_shard", "> 0"), (1 <= self.zstd_level <= 9, "zstd_level", "1..9"),
-            (self.batch_size > 0, "batch_size", "> 0"), (self.prefetch >= 0, "prefetch", ">= 0"),
-            (self.threads >= 0, "threads", ">= 0"),
+            (self.k_max >= 0, "k_max", self.k_max, ">= 0"),
+            (self.box_capacity > 0, "box_capacity", self.box_capacity, "> 0"),
+            (self.rows_per_shard > 0, "rows_per_shard", self.rows_per_shard, "> 0"),
+            (1 <= self.zstd_level <= 9, "zstd_level", self.zstd_level, "1..9"),
+            (self.batch_size > 0, "batch_size", self.batch_size, "> 0"),
+            (self.prefetch >= 0, "prefetch", self.prefetch, ">= 0"),
+            (self.threads >= 0, "threads", self.threads, ">= 0"),
         ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"cache config field {name!r}: found {getattr(self, name)!r}, expected {expected}")
+        require("cache config", checks)
 
     @property
     def grid(self) -> BEVGrid:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.classes import DETECTION_CLASSES
+from pipelines.config import require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid
 from stxd_cache.errors import RecordError
@@ -152,19 +153,19 @@ class CacheMeta:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         h, w = self.grid.shape
         checks = [
-            (self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}"),
-            (self.channels >= 1, "channels", ">= 1"),
+            (self.precision in PRECISIONS, "precision", self.precision, f"one of {list(PRECISIONS)}"),
+            (self.channels >= 1, "channels", self.channels, ">= 1"),
             (self.token_grid >= 1 and h % self.token_grid == 0 and w % self.token_grid == 0, "token_grid",
+             self.token_grid,
              f"a divisor of the grid's {h}x{w} cells"),
-            (self.box_capacity >= 1, "box_capacity", ">= 1"),
-            (self.k_max >= 0, "k_max", ">= 0"),
-            (len(self.classes) >= 1 and len(set(self.classes)) == len(self.classes), "classes", "distinct names"),
-            (self.schema_version == SCHEMA_VERSION, "schema_version",
+            (self.box_capacity >= 1, "box_capacity", self.box_capacity, ">= 1"),
+            (self.k_max >= 0, "k_max", self.k_max, ">= 0"),
+            (len(self.classes) >= 1 and len(set(self.classes)) == len(self.classes), "classes", self.classes,
+             "distinct names"),
+            (self.schema_version == SCHEMA_VERSION, "schema_version", self.schema_version,
              f"{SCHEMA_VERSION} (this stxd reads schema {SCHEMA_VERSION} only; re-extract the cache)"),
         ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"cache meta field `{name}` is {getattr(self, name)!r}; expected {expected}")
+        require("cache meta", checks)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

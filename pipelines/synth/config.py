@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipelines.errors import ConfigError
+from pipelines.config import require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,9 +34,7 @@ class SynthConfig:
             (bool(self.version) and "/" not in self.version, "version", self.version, "a folder name"),
             (1 <= self.jpeg_quality <= 100, "jpeg_quality", self.jpeg_quality, "between 1 and 100"),
         ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"synth config field {name!r}: found {value!r}, expected {expected}")
+        require("synth config", checks)
 
     @property
     def keyframe_interval_us(self) -> int:

@@ -10,20 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pipelines.classes import DETECTION_CLASSES
+from pipelines.config import require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid
 
 # Relative tolerance for "the range is a whole number of voxels" and "the stride is an integer".
 _RTOL = 1e-6
-
-
-def _check(section: str, checks: Iterable[tuple[bool, str, Any, str]]) -> None:
-    for ok, name, value, expected in checks:
-        if not ok:
-            raise ConfigError(f"teacher config field `{section}.{name}`: found {value!r}, expected {expected}")
 
 
 def _positive_ints(values: Iterable[int]) -> bool:
@@ -47,7 +42,7 @@ class VoxelConfig:
 
     def __post_init__(self) -> None:
         lo, hi = self.point_range[:3], self.point_range[3:]
-        _check("voxel", [
+        require("teacher config voxel", [
             (all(a < b for a, b in zip(lo, hi, strict=True)), "point_range", self.point_range,
              "min < max on every axis, e.g. [-54, -54, -5, 54, 54, 3]"),
             (all(v > 0 for v in self.voxel_size), "voxel_size", self.voxel_size, "three sizes > 0 metres"),
@@ -106,7 +101,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         chans, pads = self.encoder_channels, self.encoder_paddings
-        _check("encoder", [
+        require("teacher config encoder", [
             (self.base_channels > 0, "base_channels", self.base_channels, "a positive integer"),
             (len(chans) >= 1 and all(len(s) >= 1 and _positive_ints(s) for s in chans), "encoder_channels",
              chans, "one non-empty tuple of positive channel counts per stage"),
@@ -144,7 +139,7 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         n = len(self.layer_nums)
-        _check("backbone", [
+        require("teacher config backbone", [
             (n >= 1 and all(v >= 0 for v in self.layer_nums), "layer_nums", self.layer_nums, "counts >= 0"),
             (len(self.layer_strides) == n and _positive_ints(self.layer_strides), "layer_strides",
              self.layer_strides, f"{n} positive integers (one per block)"),
@@ -167,7 +162,7 @@ class NeckConfig:
     out_channels: tuple[int, ...] = field(default=(256, 256), metadata={"help": "channels of each branch"})
 
     def __post_init__(self) -> None:
-        _check("neck", [
+        require("teacher config neck", [
             (len(self.upsample_strides) >= 1 and all(s > 0 and (_whole(s) or _whole(1 / s))
                                                       for s in self.upsample_strides),
              "upsample_strides", self.upsample_strides, "positive integers or their inverses, e.g. [0.5, 1, 2]"),
@@ -188,7 +183,7 @@ class HeadConfig:
     def __post_init__(self) -> None:
         names = [c for task in self.tasks for c in task]
         unknown = sorted(set(names) - set(DETECTION_CLASSES))
-        _check("head", [
+        require("teacher config head", [
             (len(self.tasks) >= 1 and all(len(t) >= 1 for t in self.tasks), "tasks", self.tasks,
              "at least one non-empty group of class names"),
             (not unknown, "tasks", unknown, f"class names among {list(DETECTION_CLASSES)}"),
@@ -211,7 +206,7 @@ class TargetConfig:
         metadata={"help": "L1 weights of (dx, dy, z, log w, log l, log h, sin, cos, vx, vy)"})
 
     def __post_init__(self) -> None:
-        _check("target", [
+        require("teacher config target", [
             (0.0 < self.gaussian_overlap < 1.0, "gaussian_overlap", self.gaussian_overlap, "in (0, 1)"),
             (self.min_radius >= 0, "min_radius", self.min_radius, "a non-negative integer"),
             (self.max_objs >= 1, "max_objs", self.max_objs, "at least 1"),
@@ -228,8 +223,9 @@ class LossConfig:
     bbox_weight: float = field(default=0.25, metadata={"help": "weight of the L1 box regression loss"})
 
     def __post_init__(self) -> None:
-        _check("loss", [(self.heatmap_weight >= 0, "heatmap_weight", self.heatmap_weight, "a weight >= 0"),
-                        (self.bbox_weight >= 0, "bbox_weight", self.bbox_weight, "a weight >= 0")])
+        require("teacher config loss", [
+            (self.heatmap_weight >= 0, "heatmap_weight", self.heatmap_weight, "a weight >= 0"),
+            (self.bbox_weight >= 0, "bbox_weight", self.bbox_weight, "a weight >= 0")])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,7 +242,7 @@ class DecodeConfig:
     nms_iou: float = field(default=0.2, metadata={"help": "rotated NMS: BEV IoU above which a box is removed"})
 
     def __post_init__(self) -> None:
-        _check("decode", [
+        require("teacher config decode", [
             (0.0 <= self.score_threshold < 1.0, "score_threshold", self.score_threshold, "in [0, 1)"),
             (self.pre_max_per_task >= 1, "pre_max_per_task", self.pre_max_per_task, "at least 1"),
             (self.post_max >= 1, "post_max", self.post_max, "at least 1"),
@@ -273,7 +269,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         n_blocks, n_tasks = len(self.backbone.layer_nums), len(self.head.tasks)
-        _check("teacher", [
+        require("teacher config teacher", [
             (bool(self.name), "name", self.name, "a non-empty label"),
             (self.num_sweeps >= 1, "num_sweeps", self.num_sweeps, "at least 1"),
             (len(self.neck.upsample_strides) == n_blocks, "neck.upsample_strides", self.neck.upsample_strides,

@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from pipelines.config import require
 from pipelines.errors import ConfigError
 
 Schedule = Literal["onecycle", "cosine"]
@@ -60,9 +61,7 @@ class OptimConfig:
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]"),
             (self.grad_clip >= 0, "grad_clip", self.grad_clip, "a max norm > 0, or 0 for no clipping"),
         ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"optim config field {name!r}: found {value!r}, expected {expected}")
+        require("optim config", checks)
 
     def warmup_for(self, max_steps: int) -> int:
         """Warm-up length in steps for a run of `max_steps` steps."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from pipelines.config import require
 from pipelines.errors import ConfigError
 from stxd_train.engine.checkpoint import CheckpointError
 
@@ -68,9 +69,7 @@ class ResumableSampler(Sampler[list[int]]):
             (not drop_last or length >= batch_size * world_size, "length", length,
              f"at least one global batch ({batch_size} x {world_size} ranks) with drop_last"),
         ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"ResumableSampler `{name}`: found {value!r}, expected {expected}")
+        require("ResumableSampler", checks)
         self.length = length
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
+from pipelines.config import require
 from pipelines.errors import ConfigError, StxdError
 from stxd_train.engine.checkpoint import (
     LAST_CHECKPOINT,
@@ -69,9 +70,7 @@ class TrainConfig:
             (self.seed >= 0, "seed", self.seed, "a non-negative integer"),
             (self.amp in AMP_MODES, "amp", self.amp, f"one of {', '.join(AMP_MODES)}"),
         ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"train config field {name!r}: found {value!r}, expected {expected}")
+        require("train config", checks)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

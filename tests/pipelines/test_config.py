@@ -53,7 +53,7 @@ def test_bad_values_are_named(overrides: list[str], message: str) -> None:
 def test_missing_file_and_synth_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(SynthConfig, tmp_path / "none.yaml")
-    with pytest.raises(ConfigError, match="'sweeps': found 40"):
+    with pytest.raises(ConfigError, match="`sweeps`: found 40"):
         SynthConfig(sweeps=40)
     repo = Path(__file__).resolve().parents[2]
     for name in ("synth.yaml", "synth_tiny.yaml"):
