@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
-
-TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
-          "log", "scene", "sample", "sample_data", "sample_annotation", "map")
+from pipelines.nuscenes import TABLES
 
 # (table, field, referenced table); '' is allowed for prev/next only.
 _FOREIGN_KEYS = (

@@ -23,6 +23,10 @@ from pipelines.geometry import invert, transform_matrix
 if TYPE_CHECKING:
     from nuscenes.nuscenes import NuScenes
 
+#: The 13 devkit tables, in the devkit's load order.
+TABLES: tuple[str, ...] = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
+                           "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map")
+
 CAMERA_CHANNELS: tuple[str, ...] = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT",
                                     "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 
@@ -124,9 +128,7 @@ def load_nuscenes(dataroot: str | Path, version: str) -> NuScenes:
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "sample.json").is_file())
         raise DatasetError(f"version {version!r} not found in {root}: there is no {table_dir}/; versions "
                            f"present: {', '.join(found) or 'none'}; pass --version with one of them")
-    missing = [t for t in ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
-                           "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map")
-               if not (table_dir / f"{t}.json").is_file()]
+    missing = [t for t in TABLES if not (table_dir / f"{t}.json").is_file()]
     if missing:
         raise DatasetError(f"{table_dir} lacks the table(s) {', '.join(t + '.json' for t in missing)}; "
                            "the root is incomplete, re-download or re-generate it")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.boxes import box_corners_bev
 from pipelines.synth import ground as ground_mod
 from pipelines.synth.raycast import Solid, ray_ground, ray_solid
 
@@ -105,11 +106,8 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
 
 def _azimuth_columns(box: np.ndarray, n_az: int) -> np.ndarray:
     """Azimuth columns whose rays can hit `box` (sensor frame), with wrap-around."""
-    c, s = np.cos(box[6]), np.sin(box[6])
-    hl, hw = box[4] / 2.0, box[3] / 2.0
-    corners = np.array([[hl, hw], [hl, -hw], [-hl, hw], [-hl, -hw]])
-    xy = box[:2] + corners @ np.array([[c, s], [-s, c]])
-    if np.hypot(box[0], box[1]) < np.hypot(hl, hw) + 0.5:   # sensor next to the box: all directions
+    xy = box_corners_bev(box[None])[0]
+    if np.hypot(box[0], box[1]) < np.hypot(box[3], box[4]) / 2 + 0.5:   # sensor next to the box: all directions
         return np.arange(n_az)
     centre = np.arctan2(box[1], box[0])
     delta = np.angle(np.exp(1j * (np.arctan2(xy[:, 1], xy[:, 0]) - centre)))

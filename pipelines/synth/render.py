@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.boxes import box_corners
 from pipelines.synth import ground as ground_mod
 from pipelines.synth.raycast import Solid, ray_ground, ray_solid, world_normals
 from pipelines.synth.rig import Camera
@@ -93,11 +94,7 @@ def _candidate_pixels(camera: Camera, position: np.ndarray, world_from_camera: n
                       box: np.ndarray) -> np.ndarray | None:
     """Flat pixel indices inside the projected bounding rectangle of `box`; None if it is behind."""
     width, height = camera.size
-    c, s = np.cos(box[6]), np.sin(box[6])
-    hl, hw, hh = box[4] / 2, box[3] / 2, box[5] / 2
-    corners = np.array([[x, y, z] for x in (-hl, hl) for y in (-hw, hw) for z in (-hh, hh)])
-    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    cam = (corners @ rot.T + box[:3] - position) @ world_from_camera
+    cam = (box_corners(box[None])[0] - position) @ world_from_camera
     front = cam[:, 2] > 0.05
     if not front.any() or np.linalg.norm(box[:2] - position[:2]) > 250.0:
         return None

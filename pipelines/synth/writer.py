@@ -20,11 +20,10 @@ import yaml
 from pipelines.classes import ATTRIBUTES, CATEGORY_TO_CLASS, VISIBILITY_LEVELS
 from pipelines.config import to_dict
 from pipelines.errors import DatasetError
+from pipelines.nuscenes import TABLES
 from pipelines.synth import rig, scene
 from pipelines.synth.config import SynthConfig
 
-TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
-          "log", "scene", "sample", "sample_data", "sample_annotation", "map")
 _OUTPUT_FOLDERS = ("samples", "sweeps", "maps")
 CONFIG_FILE = "synth_config.yaml"
 
