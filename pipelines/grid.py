@@ -122,6 +122,12 @@ class BEVGrid:
             )
         return cls(**{k: d[k] for k in expected})
 
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        """(...,) bool: whether metric points (..., 2) lie inside the grid's area (lower edges included)."""
+        xy = np.asarray(xy, dtype=np.float64)
+        return ((xy[..., 0] >= self.x_range[0]) & (xy[..., 0] < self.x_range[1])
+                & (xy[..., 1] >= self.y_range[0]) & (xy[..., 1] < self.y_range[1]))
+
     def world_to_cell(self, xy: Any) -> Any:
         """Continuous (col, row) indices of metric points; cell centres are at integer values.
 

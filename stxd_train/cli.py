@@ -10,7 +10,7 @@ from pipelines.cli_support import StxdGroup, debug_option
 @click.group(cls=StxdGroup)
 @debug_option
 def main() -> None:
-    """Training for stxd: the LiDAR teacher (stage one's model) and, next, camera students."""
+    """Training for stxd: the LiDAR teacher (stage one's model) and the camera students (stage two)."""
 
 
 @main.command()
@@ -37,23 +37,53 @@ def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: 
         _print_metrics(evaluate_teacher(out, device=device))
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Student run YAML, e.g. configs/student/bevformer_synth.yaml.")
+@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
+@click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--cache", type=click.Path(), help="Teacher cache (stxd-cache extract) to join with every sample.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (torchrun: per rank).")
+@click.option("--eval/--no-eval", "run_eval", default=False, show_default=True,
+              help="Score the trained student on the val split with DetectionEval.")
+def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | None, overrides: tuple[str, ...],
+        resume: bool, device: str, run_eval: bool) -> None:
+    """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
+    from pipelines.config import load_config
+    from stxd_train.engine import is_main_process
+    from stxd_train.fit import StudentRunConfig, evaluate_student
+    from stxd_train.fit import fit as fit_student
+
+    cfg = load_config(StudentRunConfig, config_path, overrides)
+    path = fit_student(cfg, dataroot=dataroot, version=version, out=out, cache=cache, resume=resume, device=device)
+    if is_main_process():
+        click.echo(f"student written to {path}")
+        if run_eval:
+            _print_metrics(evaluate_student(out, device=device))
+
+
 @main.command(name="eval")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--split", help="Split to score (default: the run's val split).")
 @click.option("--dataroot", type=click.Path(), help="Dataset root (default: the one the run trained on).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 def eval_(run_dir: str, split: str | None, dataroot: str | None, device: str) -> None:
-    """Score a run with the real nuScenes DetectionEval; writes RUN/metrics.json."""
+    """Score a teacher or student run with the real nuScenes DetectionEval; writes RUN/metrics.json."""
     from pipelines.config import read_yaml
     from pipelines.errors import ConfigError
 
-    saved = read_yaml(f"{run_dir}/config.yaml")
-    if saved.get("kind") != "teacher":
-        raise ConfigError(f"{run_dir}/config.yaml: found kind {saved.get('kind')!r}, expected 'teacher' "
-                          "(student runs arrive with stage two)")
-    from stxd_train.teacher import evaluate_teacher
-
-    _print_metrics(evaluate_teacher(run_dir, split=split, device=device, dataroot=dataroot))
+    kind = read_yaml(f"{run_dir}/config.yaml").get("kind")
+    if kind == "teacher":
+        from stxd_train.teacher import evaluate_teacher as evaluate
+    elif kind == "student":
+        from stxd_train.fit import evaluate_student as evaluate
+    else:
+        raise ConfigError(f"{run_dir}/config.yaml: found kind {kind!r}, expected 'teacher' or 'student'; is "
+                          f"{run_dir} a folder written by `stxd-train teacher` or `stxd-train fit`?")
+    _print_metrics(evaluate(run_dir, split=split, device=device, dataroot=dataroot))
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -61,3 +91,7 @@ def _print_metrics(metrics: dict) -> None:
                f"mASE {metrics['mASE']:.3f}  mAOE {metrics['mAOE']:.3f}  mAVE {metrics['mAVE']:.3f}  "
                f"mAAE {metrics['mAAE']:.3f}")
     click.echo("per-class AP: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_class_AP"].items()))
+
+
+if __name__ == "__main__":   # torchrun --nproc_per_node N -m stxd_train.cli fit ...
+    main()

@@ -44,3 +44,21 @@ def train_index(nusc):
     from pipelines.nuscenes import SampleIndex
 
     return SampleIndex.from_nuscenes(nusc, ["synth_train"], k_prev=3)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import tiny_teacher_checkpoint
+
+    return tiny_teacher_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="session")
+def cache(synth_root: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny teacher cache over both tiny splits."""
+    from stxd_cache.extract import extract
+    from tiny import extract_job
+
+    out = tmp_path_factory.mktemp("cache") / "cache.zarr"
+    extract(extract_job(synth_root, teacher_ckpt, out))
+    return out

@@ -17,61 +17,16 @@ import pytest
 import torch
 import zarr
 
-from pipelines.config import from_dict
 from pipelines.grid import resample
 from pipelines.lidar import load_sweeps
-from stxd_cache.extract import ExtractConfig, ExtractJob, extract
+from stxd_cache.extract import extract
 from stxd_cache.store import open_cache
-from stxd_cache.teacher.checkpoint import CheckpointError, save_teacher
-from stxd_cache.teacher.config import TeacherConfig
-from stxd_cache.teacher.model import build_teacher
+from stxd_cache.teacher.checkpoint import CheckpointError
 from stxd_cache.verify import verify
+from tiny import CACHE, SPLITS, TINY_TEACHER
+from tiny import extract_job as _job
 
 BIN = Path(sys.executable).parent
-SPLITS = ("synth_train", "synth_val")
-TINY_TEACHER = {
-    "name": "tiny",
-    "num_sweeps": 2,
-    "voxel": {"point_range": [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0], "voxel_size": [0.8, 0.8, 1.0],
-              "max_points_per_voxel": 5, "max_voxels": 8000},
-    "encoder": {"block_type": "conv_module", "base_channels": 8, "encoder_channels": [[8], [16, 16]],
-                "encoder_paddings": [[1], [1, 1]], "output_channels": 8},
-    "backbone": {"layer_nums": [1, 1], "layer_strides": [1, 2], "out_channels": [16, 32]},
-    "neck": {"upsample_strides": [1, 2], "out_channels": [16, 16]},
-    "head": {"tasks": [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"], ["barrier"],
-                       ["motorcycle", "bicycle"], ["pedestrian", "traffic_cone"]],
-             "share_conv_channels": 16, "head_conv_channels": 8},
-    "decode": {"score_threshold": 0.05, "pre_max_per_task": 50, "post_max": 60, "nms": "circle",
-               "nms_radius": [2.0, 3.4, 3.2, 1.0, 0.9, 0.4]},
-}
-CACHE = ExtractConfig(grid_half_extent=25.6, grid_size=16, token_grid=4, k_max=2, box_capacity=40,
-                      rows_per_shard=4, zstd_level=1)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = from_dict(TeacherConfig, TINY_TEACHER)
-    model = build_teacher(cfg, "cpu")
-    with torch.no_grad():   # an untrained head would put every score at 0.1; spread them out
-        for p in model.head.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_teacher(model, cfg, path)
-    return path
-
-
-def _job(root: Path, ckpt: Path, out: Path, **cfg: object) -> ExtractJob:
-    return ExtractJob(dataroot=str(root), version="v1.0-synth", splits=SPLITS, teacher_path=str(ckpt),
-                      teacher_config_path=None, trust_checkpoint=False, out=str(out), cfg=replace(CACHE, **cfg),
-                      device="cpu")
-
-
-@pytest.fixture(scope="module")
-def cache(synth_root: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "cache.zarr"
-    extract(_job(synth_root, teacher_ckpt, out))
-    return out
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,282 @@
+"""Camera samples for the students, optionally joined with the teacher cache.
+
+An item is one keyframe: its six images, their `lidar2img`, the GT boxes, and, for temporal students,
+the images of the previous `queue` keyframes with the ego-motion transform of each into the current
+keyframe's LiDAR frame. With a cache, the item also carries the sample's `CacheRecord`; the join is
+checked once, when the dataset is built, so a missing token fails before the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torch.utils.data import Dataset
+
+from pipelines.cameras import IMAGENET_MEAN, IMAGENET_STD, load_image, scale_intrinsic
+from pipelines.config import require
+from pipelines.errors import ConfigError
+from pipelines.geometry import invert
+from pipelines.grid import BEVGrid
+from pipelines.nuscenes import SampleIndex, SampleInfo
+
+if TYPE_CHECKING:
+    from stxd_cache.schema import CacheRecord
+    from stxd_cache.store import CacheReader
+
+
+@dataclass(frozen=True, kw_only=True)
+class CameraAugmentConfig:
+    """Training-time image augmentation; the intrinsics follow every geometric change.
+
+    Each image is resized by a random factor in `scale` times the base resize to `image_size`, then a window
+    of `image_size` is cut at a random position (zero padded where the scaled image is smaller). All cameras
+    and frames of one item share the factor and the window, so the rig stays consistent over time.
+    """
+
+    scale: tuple[float, float] = field(default=(1.0, 1.0), metadata={"help": "random resize factor range"})
+    brightness: float = field(default=0.0, metadata={"help": "max relative brightness change"})
+    contrast: float = field(default=0.0, metadata={"help": "max relative contrast change"})
+    saturation: float = field(default=0.0, metadata={"help": "max relative saturation change"})
+
+    def __post_init__(self) -> None:
+        require("camera augment", [
+            (0 < self.scale[0] <= self.scale[1], "scale", self.scale, "0 < low <= high, e.g. [0.9, 1.1]"),
+            (0 <= self.brightness < 1, "brightness", self.brightness, "in [0, 1)"),
+            (0 <= self.contrast < 1, "contrast", self.contrast, "in [0, 1)"),
+            (0 <= self.saturation < 1, "saturation", self.saturation, "in [0, 1)"),
+        ])
+
+    @property
+    def geometric(self) -> bool:
+        return self.scale != (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CameraSample:
+    """One keyframe for a camera student. F = 1 + queue frames: index 0 is the keyframe itself, then the
+    previous keyframes, nearest first."""
+
+    token: str
+    images: torch.Tensor
+    """(F, 6, 3, H, W) float32, ImageNet-normalised; zeros for frames that do not exist."""
+    lidar2img: torch.Tensor
+    """(F, 6, 4, 4) float32: frame f's LiDAR frame → pixels of frame f's (augmented) images."""
+    prev2cur: torch.Tensor
+    """(F, 4, 4) float32: frame f's LiDAR frame → the keyframe's LiDAR frame (identity for f = 0)."""
+    frame_valid: torch.Tensor
+    """(F,) bool: frame f exists (a scene's first keyframes have fewer predecessors)."""
+    gt_boxes: torch.Tensor
+    """(N, 9) [x, y, z, w, l, h, yaw, vx, vy] in the keyframe LiDAR frame, centres inside the grid."""
+    gt_labels: torch.Tensor
+    """(N,) int64 indices into `DETECTION_CLASSES`."""
+    cache: CacheRecord | None = None
+    """The teacher's cached record of this sample, when the dataset has a cache."""
+
+
+@dataclass(frozen=True)
+class CameraBatch:
+    """A collated batch (B items); GT stays a list because the box counts differ."""
+
+    tokens: list[str]
+    images: torch.Tensor        # (B, F, 6, 3, H, W)
+    lidar2img: torch.Tensor     # (B, F, 6, 4, 4)
+    prev2cur: torch.Tensor      # (B, F, 4, 4)
+    frame_valid: torch.Tensor   # (B, F) bool
+    gt_boxes: list[torch.Tensor]
+    gt_labels: list[torch.Tensor]
+    cache: dict[str, torch.Tensor] | None = None
+    """Stacked cache fields (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`, `scores`, `labels`,
+    `probs`, `count`), each with a leading batch axis; None without a cache."""
+
+
+class CameraDataset(Dataset[CameraSample]):
+    """Keyframes of a `SampleIndex` as student inputs.
+
+    Picklable and stateless across processes (the cache is opened lazily in each process), so DataLoader
+    workers may fork or spawn.
+    """
+
+    def __init__(self, index: SampleIndex, *, image_size: tuple[int, int], grid: BEVGrid, queue: int = 0,
+                 augment: CameraAugmentConfig | None = None, seed: int = 0, min_points: int = 1,
+                 cache_path: str | None = None) -> None:
+        """
+        Args:
+            index: the samples; built with `k_prev >= queue`.
+            image_size: (width, height) the network sees.
+            grid: the student's BEV grid; GT boxes whose centre is outside it are dropped.
+            queue: previous keyframes whose images are loaded (temporal students).
+            augment: training augmentation, or None.
+            seed: augmentation seed.
+            min_points: GT boxes with fewer LiDAR points are not targets.
+            cache_path: a complete teacher cache that holds every sample of `index`.
+        """
+        if queue < 0:
+            raise ConfigError(f"queue: found {queue}, expected >= 0 previous keyframes")
+        self.index = index
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grid = grid
+        self.queue = queue
+        self.augment = augment
+        self.seed = seed
+        self.min_points = min_points
+        self.cache_path = cache_path
+        self.epoch = 0
+        self._by_token = {s.token: s for s in index}
+        self._cache: CacheReader | None = None
+        self._cache_rows: np.ndarray | None = None
+        if cache_path is not None:
+            self._cache_rows = np.asarray(join_cache(self.cache, [s.token for s in index]))
+
+    @property
+    def cache(self) -> CacheReader:
+        """The cache reader of this process (opened on first use)."""
+        if self.cache_path is None:
+            raise ConfigError("this dataset has no cache")
+        if self._cache is None:
+            from stxd_cache.store import open_cache
+
+            self._cache = open_cache(self.cache_path)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None   # zarr handles are reopened in each worker
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: int) -> CameraSample:
+        """Item `key % len(self)`; `epoch * len(self) + i` (an epoch-tagging sampler) also selects the epoch of
+        the augmentation."""
+        epoch, i = divmod(int(key), len(self.index))
+        epoch = epoch or self.epoch
+        sample = self.index[i]
+        rng = np.random.default_rng([self.seed, epoch, i]) if self.augment is not None else None
+        view = _draw_view(self.augment, rng)
+        frames: list[SampleInfo | None] = [sample]
+        for k in range(self.queue):
+            token = sample.prev_tokens[k] if k < len(sample.prev_tokens) else None
+            frames.append(self._by_token.get(token) if token else None)
+            if token and frames[-1] is None:
+                raise ConfigError(f"sample {sample.token}: previous keyframe {token} is not in the index; build "
+                                  f"the SampleIndex with k_prev >= {self.queue}")
+        w, h = self.image_size
+        images = np.zeros((len(frames), 6, 3, h, w), np.float32)
+        lidar2img = np.tile(np.eye(4, dtype=np.float32), (len(frames), 6, 1, 1))
+        prev2cur = np.tile(np.eye(4, dtype=np.float32), (len(frames), 1, 1))
+        valid = np.zeros(len(frames), bool)
+        cur_inv = invert(sample.lidar2global)
+        for f, frame in enumerate(frames):
+            if frame is None:
+                continue
+            valid[f] = True
+            images[f], lidar2img[f] = _load_views(frame, self.image_size, view, self.augment, rng)
+            prev2cur[f] = cur_inv @ frame.lidar2global
+        gt = sample.gt
+        boxes = gt.boxes[gt.num_lidar_pts >= self.min_points]
+        labels = gt.labels[gt.num_lidar_pts >= self.min_points]
+        inside = self.grid.contains(boxes[:, :2])
+        record = None
+        if self._cache_rows is not None:
+            record = self.cache.read(int(self._cache_rows[i]))
+        return CameraSample(token=sample.token, images=torch.from_numpy(images),
+                            lidar2img=torch.from_numpy(lidar2img), prev2cur=torch.from_numpy(prev2cur),
+                            frame_valid=torch.from_numpy(valid),
+                            gt_boxes=torch.from_numpy(boxes[inside].astype(np.float32)),
+                            gt_labels=torch.from_numpy(labels[inside].astype(np.int64)), cache=record)
+
+
+def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:
+    """Cache rows of `tokens`; raises a `ConfigError` listing missing tokens, or if the cache is incomplete."""
+    cache.require_complete()
+    known = set(cache.tokens)
+    missing = [t for t in tokens if t not in known]
+    if missing:
+        raise ConfigError(
+            f"cache {cache.path} lacks {len(missing)} of the {len(tokens)} samples to train on (first: "
+            f"{', '.join(missing[:3])}); it holds {len(cache)} samples of {cache.meta.dataset.version} "
+            f"{', '.join(cache.meta.dataset.splits)}: extract a cache over the training splits of this dataset")
+    return [cache.index_of(t) for t in tokens]
+
+
+@dataclass(frozen=True)
+class _View:
+    """The geometric augmentation of one item: resize factor and crop offset (pixels)."""
+
+    scale: float = 1.0
+    offset: tuple[float, float] = (0.0, 0.0)   # fractions of the free margin, in [0, 1]
+
+
+def _draw_view(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None) -> _View:
+    if cfg is None or rng is None or not cfg.geometric:
+        return _View()
+    return _View(scale=float(rng.uniform(*cfg.scale)), offset=(float(rng.random()), float(rng.random())))
+
+
+def _load_views(sample: SampleInfo, size: tuple[int, int], view: _View, augment: CameraAugmentConfig | None,
+                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """(6, 3, H, W) normalised images and (6, 4, 4) `lidar2img` of one frame under `view`."""
+    w, h = size
+    sw, sh = round(w * view.scale), round(h * view.scale)
+    # The crop window's top-left corner in the scaled image; negative when the scaled image is smaller (pad).
+    x0, y0 = round((sw - w) * view.offset[0]), round((sh - h) * view.offset[1])
+    shift = np.eye(3)
+    shift[:2, 2] = (-x0, -y0)
+    jitter = _draw_photometric(augment, rng)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    images = np.zeros((6, 3, h, w), np.float32)
+    lidar2img = np.zeros((6, 4, 4), np.float32)
+    for c, cam in enumerate(sample.cameras):
+        img = load_image(cam.path)
+        if img.size != (sw, sh):
+            img = img.resize((sw, sh), Image.Resampling.BILINEAR)
+        for enhancer, factor in jitter:
+            img = enhancer(img).enhance(factor)
+        arr = (np.asarray(img, np.float32) - mean) / std
+        canvas = np.zeros((h, w, 3), np.float32)
+        sx, sy = max(x0, 0), max(y0, 0)
+        dx, dy = max(-x0, 0), max(-y0, 0)
+        cw, ch = min(w - dx, sw - sx), min(h - dy, sh - sy)
+        canvas[dy:dy + ch, dx:dx + cw] = arr[sy:sy + ch, sx:sx + cw]
+        images[c] = canvas.transpose(2, 0, 1)
+        k = np.eye(4)
+        k[:3, :3] = shift @ scale_intrinsic(cam.intrinsic, cam.size, (sw, sh))
+        lidar2img[c] = k @ cam.lidar2cam
+    return images, lidar2img
+
+
+def _draw_photometric(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None) -> list[tuple]:
+    if cfg is None or rng is None:
+        return []
+    out = []
+    for enhancer, amount in ((ImageEnhance.Brightness, cfg.brightness), (ImageEnhance.Contrast, cfg.contrast),
+                             (ImageEnhance.Color, cfg.saturation)):
+        if amount > 0:
+            out.append((enhancer, float(rng.uniform(1 - amount, 1 + amount))))
+    return out
+
+
+_CACHE_FIELDS = ("bev", "tokens", "past_tokens", "past_valid", "boxes", "scores", "labels", "probs")
+
+
+def collate(samples: Sequence[CameraSample]) -> CameraBatch:
+    """Stack a list of samples into a `CameraBatch`."""
+    cache = None
+    if samples[0].cache is not None:
+        records = [s.cache for s in samples]
+        cache = {name: torch.from_numpy(np.stack([getattr(r, name) for r in records])) for name in _CACHE_FIELDS}
+        cache["count"] = torch.tensor([r.count for r in records], dtype=torch.int64)
+    return CameraBatch(
+        tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
+        lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),
+        frame_valid=torch.stack([s.frame_valid for s in samples]), gt_boxes=[s.gt_boxes for s in samples],
+        gt_labels=[s.gt_labels for s in samples], cache=cache)

@@ -1,0 +1,240 @@
+"""Training and evaluating camera students (`stxd-train fit`, `stxd-train eval`).
+
+A run folder holds `config.yaml` (the resolved run config, with the dataset and the cache it trained on),
+`checkpoints/`, `metrics.jsonl`, `tb/`, and, when training finishes, `student.pt` (config and weights) and
+`train_seconds.txt`. Under torchrun every rank trains on its shard of each batch and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.config import from_dict, read_yaml, require, to_dict
+from pipelines.errors import ConfigError
+from stxd_train.data import CameraAugmentConfig, CameraBatch
+from stxd_train.engine import OptimConfig, TrainConfig
+from stxd_train.students.config import StudentConfig
+
+#: Run-config fields that may change when a run is resumed: they do not change what is trained.
+RESUMABLE_CHANGES = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
+#: Top-level keys of a saved run config that are not part of `StudentRunConfig`.
+RUN_KEYS = ("kind", "dataroot", "version", "cache")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentDataConfig:
+    """Which samples a student trains and evaluates on, and how its images are loaded."""
+
+    train_splits: tuple[str, ...] = field(default=("synth_train",), metadata={"help": "training splits"})
+    val_split: str = field(default="synth_val", metadata={"help": "split scored by `stxd-train eval`"})
+    image_size: tuple[int, int] = field(default=(320, 176), metadata={"help": "(width, height) of the input images"})
+    batch_size: int = field(default=2, metadata={"help": "samples per step and process"})
+    num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes"})
+    min_points: int = field(default=1, metadata={"help": "GT boxes with fewer LiDAR points are not targets"})
+    augment: CameraAugmentConfig = field(default_factory=CameraAugmentConfig, metadata={"help": "image augmentation"})
+
+    def __post_init__(self) -> None:
+        require("student data", [
+            (len(self.train_splits) >= 1, "train_splits", self.train_splits, "at least one split"),
+            (all(v >= 32 for v in self.image_size), "image_size", self.image_size, "two sizes >= 32 pixels"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.num_workers >= 0, "num_workers", self.num_workers, ">= 0"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentRunConfig:
+    """configs/student/*.yaml: the student and how to train it."""
+
+    model: StudentConfig
+    data: StudentDataConfig = field(default_factory=StudentDataConfig)
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+class StudentLoss(nn.Module):
+    """The engine's model protocol for a student: a batch in, its weighted loss terms out."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch: CameraBatch) -> dict[str, torch.Tensor]:
+        return self.student.loss(self.student(batch), batch.gt_boxes, batch.gt_labels)
+
+
+def run_config(saved: dict[str, Any], where: str) -> StudentRunConfig:
+    """The `StudentRunConfig` of a saved run config (`RUN/config.yaml`)."""
+    return from_dict(StudentRunConfig, {k: v for k, v in saved.items() if k not in RUN_KEYS}, where=where)
+
+
+def check_resume(out: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume `out` with a config other than the one it was trained with."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {out}: {path} does not exist (the run never started); start it without "
+                          "--resume")
+    saved = _flatten(read_yaml(path))
+    new = _flatten(json.loads(json.dumps(config)))
+    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        listing = "; ".join(f"{k}: run has {saved.get(k)!r}, now {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"cannot resume {out} with another config ({len(changed)} field(s) differ: {listing}); "
+                          f"resume with `--config {path}` and the same --dataroot/--cache, or train into a new --out")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def open_student_cache(path: str, cfg: StudentConfig) -> Any:
+    """The teacher cache at `path`, checked against the student before the first step: complete, the same
+    grid range and the same classes (its tokens are joined by `CameraDataset`)."""
+    from stxd_cache.store import open_cache
+
+    cache = open_cache(path)
+    cache.require_complete()
+    if not cache.meta.grid.same_range(cfg.grid):
+        raise ConfigError(
+            f"cache {path} has the distillation grid {cache.meta.grid.describe()} but the student grid is "
+            f"{cfg.grid.describe()}; the ranges must match: set model.grid_half_extent to the cache's, or "
+            "extract a cache with the student's range")
+    from pipelines.classes import DETECTION_CLASSES
+
+    if tuple(cache.meta.classes) != DETECTION_CLASSES:
+        raise ConfigError(f"cache {path} has classes {list(cache.meta.classes)}; expected the nuScenes detection "
+                          f"classes {list(DETECTION_CLASSES)}")
+    return cache
+
+
+def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, cache: str | None = None,
+        resume: bool = False, device: str = "auto") -> Path:
+    """Train a student into run folder `out` (torchrun-aware); returns the path of `student.pt`."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.nuscenes import SampleIndex
+    from stxd_cache.teacher.model import resolve_device
+    from stxd_train.data import CameraDataset, collate
+    from stxd_train.engine import (
+        CheckpointHook,
+        MetricsHook,
+        ProgressHook,
+        ResumableSampler,
+        RunConfigHook,
+        Trainer,
+        build_optimizer,
+        build_scheduler,
+        init_from_env,
+        is_main_process,
+        loader_generator,
+        rank,
+        seed_everything,
+        seed_worker,
+        world_size,
+    )
+    from stxd_train.students.registry import build_student
+
+    out = Path(out)
+    dc, tc, mc = cfg.data, cfg.train, cfg.model
+    config = {"kind": "student", "dataroot": str(dataroot), "version": version,
+              "cache": str(cache) if cache else None, **to_dict(cfg)}
+    if resume:
+        check_resume(out, config)
+    distributed_device = init_from_env()
+    dev = distributed_device if world_size() > 1 else resolve_device(device)
+    seed_everything(tc.seed)
+    if cache is not None:
+        open_student_cache(cache, mc)
+    index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=mc.queue, max_sweeps=0)
+    if len(index) == 0:
+        raise ConfigError(f"no samples in {', '.join(dc.train_splits)} of {dataroot} ({version})")
+    dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
+                            seed=tc.seed, min_points=dc.min_points, cache_path=cache)
+    dataset[0]   # a missing or unreadable image fails here, before any worker starts
+    sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
+                               rank=rank(), world_size=world_size(), tag_epoch=True)
+    data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
+                      worker_init_fn=seed_worker, generator=loader_generator(tc.seed), persistent_workers=False)
+    student = build_student(mc)
+    model: nn.Module = StudentLoss(student).to(dev)
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
+    hooks = [RunConfigHook(config=config), CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
+             MetricsHook(every=tc.log_every), ProgressHook()]
+    start = time.perf_counter()
+    Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
+            hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)
+    path = out / "student.pt"
+    if is_main_process():
+        (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        torch.save({"config": to_dict(mc), "state_dict": student.state_dict()}, path)
+    return path
+
+
+def load_student(path: str | Path, device: torch.device) -> nn.Module:
+    """The student saved by `fit` at `path` (read with `weights_only=True`), in eval mode."""
+    from stxd_train.students.registry import build_student
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; the run has not finished training (resume it with --resume)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    student = build_student(from_dict(StudentConfig, saved["config"], where=f"{path} config"))
+    student.load_state_dict(saved["state_dict"])
+    return student.to(device).eval()
+
+
+def evaluate_student(run: str | Path, *, split: str | None = None, device: str = "auto",
+                     dataroot: str | None = None, batch_size: int = 2) -> dict[str, Any]:
+    """Decode the student of run folder `run` on `split` and score it with the real DetectionEval; writes
+    `RUN/metrics.json` and, under `RUN/eval/<split>/`, the submission, `summary.md` and PR-curve PNGs."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.evaluation import Detections, build_submission, evaluate
+    from pipelines.nuscenes import SampleIndex, load_nuscenes
+    from stxd_cache.teacher.model import resolve_device
+    from stxd_train.data import CameraDataset, collate
+    from stxd_train.engine import to_device
+
+    run = Path(run)
+    saved = read_yaml(run / "config.yaml")
+    cfg = run_config(saved, where=str(run / "config.yaml"))
+    dev = resolve_device(device)
+    student = load_student(run / "student.pt", dev)
+    root = dataroot or saved["dataroot"]
+    split = split or cfg.data.val_split
+    nusc = load_nuscenes(root, saved["version"])
+    index = SampleIndex.from_nuscenes(nusc, [split], k_prev=cfg.model.queue, max_sweeps=0)
+    dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
+                            min_points=cfg.data.min_points)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    predictions: dict[str, Detections] = {}
+    with torch.inference_mode():
+        for batch in loader:
+            batch = to_device(batch, dev)
+            for token, det in zip(batch.tokens, student.decode(student(batch)), strict=True):
+                predictions[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
+                                                labels=det.labels.cpu().numpy())
+    submission = build_submission(index, predictions, use_camera=True)
+    metrics = evaluate(nusc, submission, split, run / "eval" / split, report=True)
+    metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
+    seconds = run / "train_seconds.txt"
+    if seconds.is_file():
+        metrics["train_seconds"] = float(seconds.read_text())
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,1 @@
+"""Camera students: image backbones, BEV encoders and the student registry."""

@@ -1,0 +1,74 @@
+"""Tiny configs shared by the tests: a real teacher, cache and students small enough for seconds on a CPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipelines.config import from_dict
+from stxd_cache.extract import ExtractConfig, ExtractJob
+from stxd_cache.teacher.checkpoint import save_teacher
+from stxd_cache.teacher.config import TeacherConfig
+from stxd_cache.teacher.model import build_teacher
+
+SPLITS = ("synth_train", "synth_val")
+TASKS = [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"], ["barrier"], ["motorcycle", "bicycle"],
+         ["pedestrian", "traffic_cone"]]
+NMS_RADIUS = [2.0, 3.4, 3.2, 1.0, 0.9, 0.4]
+TINY_TEACHER = {
+    "name": "tiny",
+    "num_sweeps": 2,
+    "voxel": {"point_range": [-25.6, -25.6, -5.0, 25.6, 25.6, 3.0], "voxel_size": [0.8, 0.8, 1.0],
+              "max_points_per_voxel": 5, "max_voxels": 8000},
+    "encoder": {"block_type": "conv_module", "base_channels": 8, "encoder_channels": [[8], [16, 16]],
+                "encoder_paddings": [[1], [1, 1]], "output_channels": 8},
+    "backbone": {"layer_nums": [1, 1], "layer_strides": [1, 2], "out_channels": [16, 32]},
+    "neck": {"upsample_strides": [1, 2], "out_channels": [16, 16]},
+    "head": {"tasks": TASKS, "share_conv_channels": 16, "head_conv_channels": 8},
+    "decode": {"score_threshold": 0.05, "pre_max_per_task": 50, "post_max": 60, "nms": "circle",
+               "nms_radius": NMS_RADIUS},
+}
+CACHE = ExtractConfig(grid_half_extent=25.6, grid_size=16, token_grid=4, k_max=2, box_capacity=40,
+                      rows_per_shard=4, zstd_level=1)
+
+
+def tiny_student(name: str, **model: object) -> dict:
+    """A student run config (as YAML would give it) on the tiny cache's ±25.6 m range, 8×8 BEV, 64×32 images."""
+    base = {
+        "name": name, "grid_half_extent": 25.6, "grid_size": 8, "embed_dims": 16,
+        "backbone": {"depth": 18, "base_channels": 8, "num_stages": 2, "out_indices": [1]},
+        "bevformer": {"num_layers": 1, "num_heads": 2, "num_points": 1, "tsa_points": 2, "pillar_heights": [-1.0, 0.5],
+                      "ffn_channels": 16, "queue": 1, "dropout": 0.0},
+        "uvtr": {"depth_bins": 8, "depth_range": [1.0, 40.0], "heights": [-1.5, 0.0], "sweeps": 1, "bev_convs": 1},
+        "head": {"tasks": TASKS, "share_conv_channels": 8, "head_conv_channels": 8},
+        "decode": {"score_threshold": 0.0, "pre_max_per_task": 20, "post_max": 50, "nms": "circle",
+                   "nms_radius": NMS_RADIUS},
+    }
+    base.update(model)
+    return {
+        "model": base,
+        "data": {"image_size": [64, 32], "batch_size": 2, "num_workers": 0},
+        "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 1, "seed": 0},
+        "optim": {"lr": 0.001, "schedule": "cosine", "grad_clip": 10.0},
+    }
+
+
+def tiny_teacher_checkpoint(path: Path) -> Path:
+    """An untrained tiny teacher whose head is perturbed so that its scores spread out, saved at `path`."""
+    torch.manual_seed(0)
+    cfg = from_dict(TeacherConfig, TINY_TEACHER)
+    model = build_teacher(cfg, "cpu")
+    with torch.no_grad():   # an untrained head would put every score at 0.1
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_teacher(model, cfg, path)
+    return path
+
+
+def extract_job(root: Path, ckpt: Path, out: Path, **cfg: object) -> ExtractJob:
+    """Extraction of both tiny splits on the CPU with the `CACHE` config (fields overridden by `cfg`)."""
+    return ExtractJob(dataroot=str(root), version="v1.0-synth", splits=SPLITS, teacher_path=str(ckpt),
+                      teacher_config_path=None, trust_checkpoint=False, out=str(out), cfg=replace(CACHE, **cfg),
+                      device="cpu")
