@@ -33,6 +33,8 @@ demo: venv
 	$(BIN)/stxd-cache extract --dataroot $(DEMO_OUT)/data --version v1.0-synth --splits synth_train,synth_val \
 		--teacher $(DEMO_OUT)/teacher/teacher.pt --config configs/cache/synth.yaml --out $(DEMO_OUT)/cache.zarr
 	$(BIN)/stxd-cache verify $(DEMO_OUT)/cache.zarr --dataroot $(DEMO_OUT)/data
+	$(MAKE) $(DEMO_OUT)/bevformer/student.pt
+	$(BIN)/stxd-train eval --run $(DEMO_OUT)/bevformer
 
 # The demo teacher trains once (about 15 minutes on 2 cores); delete the folder to train it again.
 $(DEMO_OUT)/teacher/teacher.pt:
@@ -40,10 +42,16 @@ $(DEMO_OUT)/teacher/teacher.pt:
 	$(BIN)/stxd-train teacher --config configs/teacher/centerpoint_synth.yaml --dataroot $(DEMO_OUT)/data \
 		--version v1.0-synth --out $(DEMO_OUT)/teacher --no-eval
 
+# The demo student trains once against the demo cache (about 17 minutes on 2 cores).
+$(DEMO_OUT)/bevformer/student.pt:
+	rm -rf $(DEMO_OUT)/bevformer
+	$(BIN)/stxd-train fit --config configs/student/bevformer_synth.yaml --dataroot $(DEMO_OUT)/data \
+		--version v1.0-synth --cache $(DEMO_OUT)/cache.zarr --out $(DEMO_OUT)/bevformer
+
 smoke: venv
 	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(OUT)/data --version v1.0-synth
-	rm -rf $(OUT)/teacher $(OUT)/cache.zarr
+	rm -rf $(OUT)/teacher $(OUT)/cache.zarr $(OUT)/student
 	$(BIN)/stxd-train teacher --config configs/teacher/centerpoint_synth.yaml --dataroot $(OUT)/data \
 		--version v1.0-synth --out $(OUT)/teacher --set train.max_steps=20 --set train.checkpoint_every=10 \
 		--set train.log_every=5
@@ -51,6 +59,9 @@ smoke: venv
 		--teacher $(OUT)/teacher/teacher.pt --config configs/cache/synth.yaml --out $(OUT)/cache.zarr
 	$(BIN)/stxd-cache verify $(OUT)/cache.zarr --dataroot $(OUT)/data
 	$(BIN)/stxd-cache info $(OUT)/cache.zarr
+	$(BIN)/stxd-train fit --config configs/student/bevformer_synth.yaml --dataroot $(OUT)/data --version v1.0-synth \
+		--cache $(OUT)/cache.zarr --out $(OUT)/student --set train.max_steps=4 --set train.log_every=2
+	$(BIN)/stxd-train eval --run $(OUT)/student
 
 clean:
 	rm -rf out .pytest_cache

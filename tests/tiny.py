@@ -13,6 +13,7 @@ from stxd_cache.teacher.checkpoint import save_teacher
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
 
+REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("synth_train", "synth_val")
 TASKS = [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"], ["barrier"], ["motorcycle", "bicycle"],
          ["pedestrian", "traffic_cone"]]

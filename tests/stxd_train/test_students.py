@@ -15,7 +15,7 @@ from stxd_train.data import CameraDataset, collate
 from stxd_train.students.common import align_bev, project
 from stxd_train.students.config import StudentConfig
 from stxd_train.students.registry import STUDENTS, build_student
-from tiny import tiny_student
+from tiny import REPO, tiny_student
 
 
 def _batch(index, cfg: StudentConfig, items=(1, 2)):
@@ -111,3 +111,24 @@ def test_temporal_student_uses_the_previous_frame(train_index) -> None:
                                                                                                           False])})).bev
     assert not torch.allclose(ref, other)
     assert torch.allclose(invalid, first, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bevformer_synth", "uvtr_synth", "bevformer_base_nus", "uvtr_c_nus"])
+def test_shipped_configs_build(name: str) -> None:
+    """Every shipped student config loads and builds; the nuScenes ones carry the real shapes."""
+    from pipelines.config import load_config
+    from stxd_train.fit import StudentRunConfig
+
+    cfg = load_config(StudentRunConfig, REPO / "configs" / "student" / f"{name}.yaml")
+    student = build_student(cfg.model)
+    assert cfg.model.grid.same_range(BEVGrid.square(51.2, 128))   # the shipped caches' range
+    state = student.state_dict()
+    if name.endswith("_nus"):
+        assert cfg.model.grid.shape == (200, 200) and cfg.model.embed_dims == 256
+        assert cfg.data.image_size == (1600, 900)
+        # ResNet-101 with torchvision's names and shapes, so ImageNet weights load.
+        assert state["image_encoder.backbone.layer3.22.conv3.weight"].shape == (1024, 256, 1, 1)
+        if name.startswith("bevformer"):
+            assert len(student.layers) == 6 and student.bev_embedding.weight.shape == (40000, 256)
+    else:
+        assert cfg.model.grid.shape == (64, 64)
