@@ -1,0 +1,60 @@
+"""TD, the temporal-consistency distillation loss on token similarity maps across frames."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_NORM_EPS = 1e-6
+
+
+def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tensor, tau: float = 0.1) -> Tensor:
+    """TD loss: the student's similarity to the teacher's past tokens should match the teacher's own.
+
+    f_now: (B, N, D) teacher tokens of the current frame; f_past: (B, K, N, D) teacher tokens of K past
+    frames; g_now: (B, N, D) student tokens of the current frame (adapted to D); past_valid: (B, K) bool,
+    False where a past frame is missing. The entries of f_past at invalid frames may hold anything, NaN
+    included: they are replaced before use and never reach the value or the gradients.
+
+    Tokens are L2-normalised along D (`x̂ = x / max(‖x‖, 1e-6)`). For each past frame k the (N, N) maps are
+
+        T_k = softmax(f̂_now f̂_pastᵀ / τ),    S_k = softmax(ĝ_now f̂_pastᵀ / τ),
+
+    row-wise over the last axis (computed with log_softmax), and
+
+        L_TD = (1/B) Σ_b Σ_{k valid} (1/N) Σ_n Σ_m S_k[n, m] (log S_k[n, m] − log T_k[n, m]),
+
+    i.e. KL(S_k ‖ T_k) summed over the last axis, averaged over the N rows, summed over the valid frames
+    and averaged over all B samples: a sample without a valid past frame adds 0 but still counts in B.
+    Returns a scalar; it is 0, with a gradient path to g_now, when no frame is valid.
+
+    Raises ValueError on inconsistent shapes or a non-positive τ.
+    """
+    if f_now.dim() != 3 or g_now.shape != f_now.shape:
+        raise ValueError(
+            f"temporal_loss expects f_now and g_now of equal shape (B, N, D); got {tuple(f_now.shape)} and "
+            f"{tuple(g_now.shape)}"
+        )
+    b, n, d = f_now.shape
+    if f_past.dim() != 4 or f_past.shape[0] != b or f_past.shape[2:] != (n, d):
+        raise ValueError(
+            f"temporal_loss expects f_past of shape (B, K, N, D) = ({b}, K, {n}, {d}); got {tuple(f_past.shape)}"
+        )
+    k = f_past.shape[1]
+    if tuple(past_valid.shape) != (b, k):
+        raise ValueError(
+            f"temporal_loss expects past_valid of shape (B, K) = ({b}, {k}); got {tuple(past_valid.shape)}"
+        )
+    if tau <= 0:
+        raise ValueError(f"temporal_loss needs a positive temperature tau; got {tau}")
+    valid = past_valid.to(device=f_past.device, dtype=torch.bool)
+    past = torch.where(valid[:, :, None, None], f_past, torch.zeros_like(f_past))
+    f_hat = F.normalize(f_now, dim=-1, eps=_NORM_EPS)
+    g_hat = F.normalize(g_now, dim=-1, eps=_NORM_EPS)
+    past_hat = F.normalize(past, dim=-1, eps=_NORM_EPS)
+    log_t = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", f_hat, past_hat) / tau, dim=-1)
+    log_s = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", g_hat, past_hat) / tau, dim=-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(dim=-1).mean(dim=-1)  # (B, K)
+    kl = torch.where(valid, kl, torch.zeros_like(kl))
+    return kl.sum() / b
