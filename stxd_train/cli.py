@@ -44,13 +44,17 @@ def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: 
 @click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--cache", type=click.Path(), help="Teacher cache (stxd-cache extract) to join with every sample.")
+@click.option("--teacher-online", type=click.Path(dir_okay=False),
+              help="Teacher checkpoint run at every step instead of a cache (the peers' way; for comparison).")
+@click.option("--cache-config", type=click.Path(dir_okay=False),
+              help="With --teacher-online: the cache layout to imitate, e.g. configs/cache/synth.yaml.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (torchrun: per rank).")
 @click.option("--eval/--no-eval", "run_eval", default=False, show_default=True,
               help="Score the trained student on the val split with DetectionEval.")
-def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | None, overrides: tuple[str, ...],
-        resume: bool, device: str, run_eval: bool) -> None:
+def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | None, teacher_online: str | None,
+        cache_config: str | None, overrides: tuple[str, ...], resume: bool, device: str, run_eval: bool) -> None:
     """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
     from pipelines.config import load_config
     from stxd_train.engine import is_main_process
@@ -58,7 +62,13 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
     from stxd_train.fit import fit as fit_student
 
     cfg = load_config(StudentRunConfig, config_path, overrides)
-    path = fit_student(cfg, dataroot=dataroot, version=version, out=out, cache=cache, resume=resume, device=device)
+    layout = None
+    if cache_config is not None:
+        from stxd_cache.extract import ExtractConfig
+
+        layout = load_config(ExtractConfig, cache_config)
+    path = fit_student(cfg, dataroot=dataroot, version=version, out=out, cache=cache, teacher_online=teacher_online,
+                       cache_config=layout, resume=resume, device=device)
     if is_main_process():
         click.echo(f"student written to {path}")
         if run_eval:
@@ -84,6 +94,55 @@ def eval_(run_dir: str, split: str | None, dataroot: str | None, device: str) ->
         raise ConfigError(f"{run_dir}/config.yaml: found kind {kind!r}, expected 'teacher' or 'student'; is "
                           f"{run_dir} a folder written by `stxd-train teacher` or `stxd-train fit`?")
     _print_metrics(evaluate(run_dir, split=split, device=device, dataroot=dataroot))
+
+
+@main.command()
+@click.option("--cache", required=True, type=click.Path(), help="Teacher cache every run trains against.")
+@click.option("--grid", "grid_path", required=True, type=click.Path(dir_okay=False),
+              help="Sweep YAML, e.g. configs/sweeps/ablation_synth.yaml.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the runs and the table.")
+@click.option("--dataroot", type=click.Path(), help="Dataset root (default: the grid's `dataroot`).")
+@click.option("--version", help="Table folder (default: the grid's `version`).")
+@click.option("--parallel", default=1, show_default=True, help="Fits running at once, all reading the cache.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a grid field (a.b=c).")
+@click.option("--device", default="cpu", show_default=True, help="Device of every run.")
+def sweep(cache: str, grid_path: str, out: str, dataroot: str | None, version: str | None, parallel: int,
+          overrides: tuple[str, ...], device: str) -> None:
+    """Train and evaluate a grid of students against one cache; writes OUT/results.md and OUT/results.json."""
+    from pipelines.config import load_config
+    from pipelines.errors import ConfigError
+    from stxd_train.sweep import SweepConfig, results_markdown, run_sweep
+
+    cfg = load_config(SweepConfig, grid_path, overrides)
+    dataroot, version = dataroot or cfg.dataroot, version or cfg.version
+    if not dataroot or not version:
+        raise ConfigError(f"{grid_path} names no dataroot/version; pass --dataroot and --version")
+    rows = run_sweep(cfg, cache=cache, dataroot=dataroot, version=version, out=out, parallel=parallel,
+                     device=device)
+    click.echo(results_markdown(rows))
+
+
+@main.command()
+@click.option("--cache", required=True, type=click.Path(), help="Teacher cache whose features are measured.")
+@click.option("--run", "runs", multiple=True, type=click.Path(file_okay=False),
+              help="Student run folder (repeatable): its BEV features are measured too.")
+@click.option("--split", required=True, help="Split whose samples are used, e.g. synth_val.")
+@click.option("--dataroot", type=click.Path(), help="Dataset root (default: the first run's).")
+@click.option("--version", help="Table folder (default: the first run's).")
+@click.option("--max-rows", default=100_000, show_default=True, help="BEV cells sampled per feature set.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+def diagnose(cache: str, runs: tuple[str, ...], split: str, dataroot: str | None, version: str | None,
+             max_rows: int, device: str) -> None:
+    """Effective dimension (d_eff) of teacher and student BEV features: the participation ratio of the
+    feature covariance's eigenvalues."""
+    from stxd_train.diagnose import diagnose as run_diagnose
+
+    table = run_diagnose(cache, runs=runs, split=split, dataroot=dataroot, version=version, device=device,
+                         max_rows=max_rows)
+    click.echo("| features | channels | BEV cells | d_eff |")
+    click.echo("|---|---:|---:|---:|")
+    for row in table:
+        click.echo(f"| {row['features']} | {row['channels']} | {row['rows']} | {row['d_eff']:.2f} |")
 
 
 def _print_metrics(metrics: dict) -> None:

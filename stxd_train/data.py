@@ -27,6 +27,7 @@ from pipelines.nuscenes import SampleIndex, SampleInfo
 if TYPE_CHECKING:
     from stxd_cache.schema import CacheRecord
     from stxd_cache.store import CacheReader
+    from stxd_train.online import LidarFrames
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,9 @@ class CameraSample:
     """(N,) int64 indices into `DETECTION_CLASSES`."""
     cache: CacheRecord | None = None
     """The teacher's cached record of this sample, when the dataset has a cache."""
+    points: tuple[torch.Tensor | None, ...] | None = None
+    """LiDAR points (N, 5) of the keyframe and its previous keyframes (None where missing), each in its own
+    LiDAR frame, for an online teacher; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class CameraBatch:
     cache: dict[str, torch.Tensor] | None = None
     """Stacked cache fields (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`, `scores`, `labels`,
     `probs`, `count`), each with a leading batch axis; None without a cache."""
+    points: list[tuple[torch.Tensor | None, ...]] | None = None
+    """Per sample, the online teacher's LiDAR frames (see `CameraSample.points`); None without one."""
 
 
 class CameraDataset(Dataset[CameraSample]):
@@ -103,7 +109,7 @@ class CameraDataset(Dataset[CameraSample]):
 
     def __init__(self, index: SampleIndex, *, image_size: tuple[int, int], grid: BEVGrid, queue: int = 0,
                  augment: CameraAugmentConfig | None = None, seed: int = 0, min_points: int = 1,
-                 cache_path: str | None = None) -> None:
+                 cache_path: str | None = None, lidar: LidarFrames | None = None) -> None:
         """
         Args:
             index: the samples; built with `k_prev >= queue`.
@@ -114,6 +120,7 @@ class CameraDataset(Dataset[CameraSample]):
             seed: augmentation seed.
             min_points: GT boxes with fewer LiDAR points are not targets.
             cache_path: a complete teacher cache that holds every sample of `index`.
+            lidar: LiDAR frames to load for an online teacher (the index needs `k_prev >= lidar.k`).
         """
         if queue < 0:
             raise ConfigError(f"queue: found {queue}, expected >= 0 previous keyframes")
@@ -125,6 +132,7 @@ class CameraDataset(Dataset[CameraSample]):
         self.seed = seed
         self.min_points = min_points
         self.cache_path = cache_path
+        self.lidar = lidar
         self.epoch = 0
         self._by_token = {s.token: s for s in index}
         self._cache: CacheReader | None = None
@@ -188,11 +196,20 @@ class CameraDataset(Dataset[CameraSample]):
         record = None
         if self._cache_rows is not None:
             record = self.cache.read(int(self._cache_rows[i]))
+        points = None
+        if self.lidar is not None:
+            from stxd_train.online import load_frames
+
+            past = [self._by_token.get(t) for t in sample.prev_tokens[:self.lidar.k]]
+            past += [None] * (self.lidar.k - len(past))
+            points = tuple(None if p is None else torch.from_numpy(p)
+                           for p in load_frames([sample, *past], self.lidar))
         return CameraSample(token=sample.token, images=torch.from_numpy(images),
                             lidar2img=torch.from_numpy(lidar2img), prev2cur=torch.from_numpy(prev2cur),
                             frame_valid=torch.from_numpy(valid),
                             gt_boxes=torch.from_numpy(boxes[inside].astype(np.float32)),
-                            gt_labels=torch.from_numpy(labels[inside].astype(np.int64)), cache=record)
+                            gt_labels=torch.from_numpy(labels[inside].astype(np.int64)), cache=record,
+                            points=points)
 
 
 def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:
@@ -279,4 +296,5 @@ def collate(samples: Sequence[CameraSample]) -> CameraBatch:
         tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
         lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),
         frame_valid=torch.stack([s.frame_valid for s in samples]), gt_boxes=[s.gt_boxes for s in samples],
-        gt_labels=[s.gt_labels for s in samples], cache=cache)
+        gt_labels=[s.gt_labels for s in samples], cache=cache,
+        points=None if samples[0].points is None else [s.points for s in samples])

@@ -19,7 +19,9 @@ from torch import nn
 
 from pipelines.config import from_dict, read_yaml, require, to_dict
 from pipelines.errors import ConfigError
+from stxd_cache.extract import ExtractConfig
 from stxd_train.data import CameraAugmentConfig, CameraBatch
+from stxd_train.distiller import DistillConfig, Distiller
 from stxd_train.engine import OptimConfig, TrainConfig
 from stxd_train.students.config import StudentConfig
 
@@ -58,6 +60,7 @@ class StudentRunConfig:
     data: StudentDataConfig = field(default_factory=StudentDataConfig)
     train: TrainConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 class StudentLoss(nn.Module):
@@ -120,14 +123,31 @@ def open_student_cache(path: str, cfg: StudentConfig) -> Any:
     return cache
 
 
+def _training_model(cfg: StudentRunConfig, student: nn.Module, reader: Any, online: Any) -> nn.Module:
+    """The engine's model: the student alone, or a `Distiller` fed by the cache or by the online teacher."""
+    if not cfg.distill.enabled:
+        return StudentLoss(student)
+    if reader is not None:
+        meta = reader.meta
+        return Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid, teacher_channels=meta.channels,
+                         token_grid=meta.token_grid, k_max=meta.k_max)
+    return Distiller(student=student, cfg=cfg.distill, teacher_grid=online.grid, teacher_channels=online.channels,
+                     token_grid=online.token_grid, k_max=online.frames.k, online=online)
+
+
 def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, cache: str | None = None,
-        resume: bool = False, device: str = "auto") -> Path:
-    """Train a student into run folder `out` (torchrun-aware); returns the path of `student.pt`."""
+        teacher_online: str | None = None, cache_config: ExtractConfig | None = None, resume: bool = False,
+        device: str = "auto") -> Path:
+    """Train a student into run folder `out` (torchrun-aware); returns the path of `student.pt`.
+
+    Distillation reads the teacher's records from `cache`, or, with `teacher_online` (a teacher checkpoint),
+    computes them at every step with the cache layout `cache_config` (default: `ExtractConfig()`).
+    """
     from torch.utils.data import DataLoader
 
     from pipelines.nuscenes import SampleIndex
     from stxd_cache.teacher.model import resolve_device
-    from stxd_train.data import CameraDataset, collate
+    from stxd_train.data import CameraDataset, collate, join_cache
     from stxd_train.engine import (
         CheckpointHook,
         MetricsHook,
@@ -149,27 +169,44 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
 
     out = Path(out)
     dc, tc, mc = cfg.data, cfg.train, cfg.model
+    if cache is not None and teacher_online is not None:
+        raise ConfigError("--cache and --teacher-online are two sources of the same teacher records; choose one")
     config = {"kind": "student", "dataroot": str(dataroot), "version": version,
               "cache": str(cache) if cache else None, **to_dict(cfg)}
+    if teacher_online is not None:
+        config["teacher_online"] = {"checkpoint": str(teacher_online), "layout": to_dict(cache_config or
+                                                                                         ExtractConfig())}
     if resume:
         check_resume(out, config)
     distributed_device = init_from_env()
     dev = distributed_device if world_size() > 1 else resolve_device(device)
     seed_everything(tc.seed)
-    if cache is not None:
-        open_student_cache(cache, mc)
-    index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=mc.queue, max_sweeps=0)
+    reader = open_student_cache(cache, mc) if cache is not None else None
+    online = None
+    if teacher_online is not None and cfg.distill.enabled:
+        online = build_online_teacher(teacher_online, cache_config or ExtractConfig(), cfg.distill.k, dev)
+    if cfg.distill.enabled and reader is None and online is None:
+        raise ConfigError(f"distill.terms {list(cfg.distill.terms)} need the teacher cache: pass --cache CACHE.zarr "
+                          "or --teacher-online CKPT (or set distill.terms to [] for a student without distillation)")
+    k_prev = max(mc.queue, cfg.distill.k if online is not None else 0)
+    index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=k_prev,
+                             max_sweeps=online.frames.num_sweeps if online is not None else 0)
     if len(index) == 0:
         raise ConfigError(f"no samples in {', '.join(dc.train_splits)} of {dataroot} ({version})")
+    # Records are read only when the losses use them; without distillation the join is still checked here.
+    records = cache if cfg.distill.enabled else None
+    if reader is not None and records is None:
+        join_cache(reader, index.tokens)
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
-                            seed=tc.seed, min_points=dc.min_points, cache_path=cache)
+                            seed=tc.seed, min_points=dc.min_points, cache_path=records,
+                            lidar=None if online is None else online.frames)
     dataset[0]   # a missing or unreadable image fails here, before any worker starts
     sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                rank=rank(), world_size=world_size(), tag_epoch=True)
     data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
                       worker_init_fn=seed_worker, generator=loader_generator(tc.seed), persistent_workers=False)
     student = build_student(mc)
-    model: nn.Module = StudentLoss(student).to(dev)
+    model = _training_model(cfg, student, reader, online).to(dev)
     if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg.optim)
@@ -182,12 +219,26 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     path = out / "student.pt"
     if is_main_process():
         (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-        torch.save({"config": to_dict(mc), "state_dict": student.state_dict()}, path)
+        adapter = getattr(model.module if world_size() > 1 else model, "adapter", None)
+        torch.save({"config": to_dict(mc), "state_dict": student.state_dict(),
+                    "adapter": None if adapter is None else adapter.state_dict()}, path)
     return path
 
 
+def build_online_teacher(path: str, layout: ExtractConfig, k: int, device: torch.device) -> Any:
+    """The frozen teacher of checkpoint `path` producing records in the cache layout `layout`."""
+    from stxd_cache.teacher.checkpoint import load_teacher
+    from stxd_train.online import OnlineTeacher
+
+    loaded = load_teacher(path, device=device)
+    return OnlineTeacher(model=loaded.model, grid=layout.grid, token_grid=layout.token_grid,
+                         box_capacity=layout.box_capacity, k=k, num_sweeps=loaded.config.num_sweeps,
+                         point_range=loaded.config.voxel.point_range)
+
+
 def load_student(path: str | Path, device: torch.device) -> nn.Module:
-    """The student saved by `fit` at `path` (read with `weights_only=True`), in eval mode."""
+    """The student saved by `fit` at `path` (read with `weights_only=True`), in eval mode. A distilled run's
+    adapter is attached as `student.adapter` (None without one)."""
     from stxd_train.students.registry import build_student
 
     path = Path(path)
@@ -196,18 +247,25 @@ def load_student(path: str | Path, device: torch.device) -> nn.Module:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     student = build_student(from_dict(StudentConfig, saved["config"], where=f"{path} config"))
     student.load_state_dict(saved["state_dict"])
+    student.adapter = None
+    if saved.get("adapter") is not None:
+        from stxd_train.distiller import adapter_from_state
+
+        student.adapter = adapter_from_state(saved["adapter"])
     return student.to(device).eval()
 
 
 def evaluate_student(run: str | Path, *, split: str | None = None, device: str = "auto",
                      dataroot: str | None = None, batch_size: int = 2) -> dict[str, Any]:
     """Decode the student of run folder `run` on `split` and score it with the real DetectionEval; writes
-    `RUN/metrics.json` and, under `RUN/eval/<split>/`, the submission, `summary.md` and PR-curve PNGs."""
+    `RUN/metrics.json`, `RUN/training_curves.png` and, under `RUN/eval/<split>/`, the submission, `summary.md`
+    and PR-curve PNGs."""
     from torch.utils.data import DataLoader
 
     from pipelines.evaluation import Detections, build_submission, evaluate
     from pipelines.nuscenes import SampleIndex, load_nuscenes
     from stxd_cache.teacher.model import resolve_device
+    from stxd_train.curves import plot_training_curves
     from stxd_train.data import CameraDataset, collate
     from stxd_train.engine import to_device
 
@@ -233,6 +291,9 @@ def evaluate_student(run: str | Path, *, split: str | None = None, device: str =
     submission = build_submission(index, predictions, use_camera=True)
     metrics = evaluate(nusc, submission, split, run / "eval" / split, report=True)
     metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
+    curves = plot_training_curves(run)
+    if curves is not None:
+        metrics["training_curves"] = str(curves)
     seconds = run / "train_seconds.txt"
     if seconds.is_file():
         metrics["train_seconds"] = float(seconds.read_text())

@@ -34,6 +34,21 @@ def _sample(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(value, loc * 2 - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _ring(heads: int, points: int) -> torch.Tensor:
+    """(heads·points, 2) unit offsets evenly spread around a circle: every head and point looks elsewhere."""
+    angles = torch.arange(heads * points, dtype=torch.float32) * (2 * torch.pi / (heads * points))
+    return torch.stack([angles.cos(), angles.sin()], -1)
+
+
+def _init_deformable(attn: nn.Module, offsets: torch.Tensor) -> None:
+    """Start a deformable attention at fixed offsets (one pixel or cell from the reference) with equal weights."""
+    nn.init.zeros_(attn.sampling_offsets.weight)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.copy_(offsets.flatten())
+    nn.init.zeros_(attn.attention_weights.weight)
+    nn.init.zeros_(attn.attention_weights.bias)
+
+
 class CameraQueries(NamedTuple):
     """The BEV queries each camera sees (BEVFormer's re-batching): cross-attention samples only these.
 
@@ -70,14 +85,8 @@ class SpatialCrossAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
         self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.sampling_offsets.weight)
-        with torch.no_grad():   # initial offsets spread around each reference point, a few pixels wide
-            angles = torch.arange(num_heads * num_points, dtype=torch.float32) * (2 * torch.pi / (num_heads
-                                                                                                   * num_points))
-            ring = torch.stack([angles.cos(), angles.sin()], -1).view(num_heads, 1, 1, num_points, 2)
-            self.sampling_offsets.bias.copy_(ring.expand(-1, num_levels, num_heights, -1, -1).flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        ring = _ring(num_heads, num_points).view(num_heads, 1, 1, num_points, 2)
+        _init_deformable(self, ring.expand(-1, num_levels, num_heights, -1, -1))
 
     def forward(self, query: torch.Tensor, feats: Sequence[torch.Tensor], views: CameraQueries) -> torch.Tensor:
         """query: (B, Q, C); feats: levels × (B, N, C, H_l, W_l); views: the queries each camera sees.
@@ -119,14 +128,7 @@ class TemporalSelfAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
         self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.sampling_offsets.weight)
-        with torch.no_grad():
-            angles = torch.arange(num_heads * num_points, dtype=torch.float32) * (2 * torch.pi / (num_heads
-                                                                                                   * num_points))
-            ring = torch.stack([angles.cos(), angles.sin()], -1).view(num_heads, 1, num_points, 2)
-            self.sampling_offsets.bias.copy_(ring.expand(-1, 2, -1, -1).flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        _init_deformable(self, _ring(num_heads, num_points).view(num_heads, 1, num_points, 2).expand(-1, 2, -1, -1))
 
     def forward(self, query: torch.Tensor, prev: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """query, prev: (B, Q, C) with Q = H·W in row-major order; shape: (H, W). Returns (B, Q, C)."""

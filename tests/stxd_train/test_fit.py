@@ -57,7 +57,8 @@ def test_fit_then_eval_writes_a_complete_run(tmp_path: Path, synth_root: Path, c
     assert metrics["boxes_per_sample"] > 0
     report = run / "eval" / "synth_val"
     assert (report / "summary.md").is_file() and (report / "submission.json").is_file()
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (report / "plots").glob("*.png"))
+    plots = [*(report / "plots").glob("*.png"), run / "training_curves.png"]
+    assert len(plots) == 16 and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
 
 
 def test_resume_checks_the_config(tmp_path: Path, synth_root: Path) -> None:

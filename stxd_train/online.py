@@ -1,0 +1,94 @@
+"""The online-teacher baseline (`stxd-train fit --teacher-online CKPT`): the frozen LiDAR teacher runs at every
+step on the current keyframe and its K previous keyframes, as BEVDistill, UVTR-L2C, DistillBEV and UniDistill
+do, and yields the same fields a cache record gives (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`,
+`scores`, `labels`, `probs`, `count`), so the distillation losses are computed by the same code.
+
+The fields follow extraction (`stxd_cache.extract` + `stxd_cache.schema.encode_record`): the teacher BEV is
+resampled to the distillation grid, tokens are its P×P block means, and the boxes are the top M by score.
+They stay float32 where the cache stores float16 (or int8), which bounds the cached/online difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.classes import DETECTION_CLASSES
+from pipelines.grid import BEVGrid, resample
+
+
+@dataclass(frozen=True)
+class LidarFrames:
+    """What a dataset loads for the online teacher: the keyframe and `k` previous keyframes."""
+
+    k: int
+    num_sweeps: int
+    point_range: tuple[float, ...]
+
+
+class OnlineTeacher:
+    """A frozen teacher and the cache layout it imitates. Not an `nn.Module` on purpose: its weights are neither
+    trained, saved in student checkpoints, nor wrapped by DDP."""
+
+    def __init__(self, *, model: torch.nn.Module, grid: BEVGrid, token_grid: int, box_capacity: int, k: int,
+                 num_sweeps: int, point_range: Sequence[float]) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.grid, self.token_grid, self.box_capacity = grid, token_grid, box_capacity
+        self.frames = LidarFrames(k=k, num_sweeps=num_sweeps, point_range=tuple(float(v) for v in point_range))
+
+    @property
+    def channels(self) -> int:
+        return int(self.model.head.shared_conv.conv.in_channels)
+
+    def _bev(self, points: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        out = self.model(points)
+        return resample(out.bev.float(), self.model.bev_grid, self.grid), out
+
+    def _tokens(self, bev: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, P·P, C), the order of `stxd_cache.schema.pool_tokens`."""
+        return F.adaptive_avg_pool2d(bev, self.token_grid).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def records(self, points: Sequence[Sequence[torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """points[b][f]: (N, 5) LiDAR points of sample b's frame f (0: the keyframe, then previous keyframes
+        nearest first; None where the frame does not exist). Returns the batch's cache fields as tensors."""
+        device = next(self.model.parameters()).device
+        batch = len(points)
+        bev, out = self._bev([p[0].to(device) for p in points])
+        tokens = self._tokens(bev)
+        m, ncls = self.box_capacity, len(DETECTION_CLASSES)
+        boxes = torch.zeros(batch, m, 9, device=device)
+        scores = torch.zeros(batch, m, device=device)
+        labels = torch.full((batch, m), -1, dtype=torch.int64, device=device)
+        probs = torch.zeros(batch, m, ncls, device=device)
+        count = torch.zeros(batch, dtype=torch.int64, device=device)
+        for b, det in enumerate(self.model.decode(out)):
+            keep = torch.argsort(-det.scores, stable=True)[:m]
+            n = len(keep)
+            boxes[b, :n], scores[b, :n] = det.boxes[keep], det.scores[keep]
+            labels[b, :n], probs[b, :n], count[b] = det.labels[keep], det.probs[keep], n
+        k = self.frames.k
+        past_tokens = torch.zeros(batch, k, tokens.shape[1], tokens.shape[2], device=device)
+        past_valid = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        slots = [(b, f) for b in range(batch) for f in range(1, min(k + 1, len(points[b])))
+                 if points[b][f] is not None]
+        if slots:
+            past_bev, _ = self._bev([points[b][f].to(device) for b, f in slots])
+            past = self._tokens(past_bev)
+            for j, (b, f) in enumerate(slots):
+                past_tokens[b, f - 1], past_valid[b, f - 1] = past[j], True
+        return {"bev": bev, "tokens": tokens, "past_tokens": past_tokens, "past_valid": past_valid, "boxes": boxes,
+                "scores": scores, "labels": labels, "probs": probs, "count": count}
+
+
+def load_frames(sample_frames: Sequence, frames: LidarFrames) -> list[np.ndarray | None]:
+    """Points of the keyframe and its previous keyframes (None where missing), each in its own LiDAR frame."""
+    from pipelines.lidar import load_sweeps
+
+    return [None if s is None else load_sweeps(s, num_sweeps=frames.num_sweeps, point_range=frames.point_range)
+            for s in sample_frames]
+

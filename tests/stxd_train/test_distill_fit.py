@@ -1,0 +1,173 @@
+"""Distillation inside a fit: terms from the cache, the teacher never built, no LiDAR read, each term
+learnable (overfit on one batch), and start-up checks of the distill config against the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import from_dict
+from pipelines.errors import ConfigError
+from stxd_cache.store import open_cache
+from stxd_train.data import CameraDataset, collate
+from stxd_train.distiller import DistillConfig, Distiller
+from stxd_train.fit import StudentRunConfig, fit
+from stxd_train.students.config import StudentConfig
+from stxd_train.students.registry import build_student
+from tiny import tiny_student
+
+ALL_TERMS = {"terms": ["cd", "td", "rd", "mse"], "alpha_cd": 0.1, "alpha_td": 1.0, "alpha_rd": 1.0,
+             "alpha_mse": 1.0, "k": 2}
+
+
+def test_cached_fit_never_builds_the_teacher_nor_reads_lidar(tmp_path: Path, synth_root: Path, cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.lidar
+    import stxd_cache.teacher.model
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher or the LiDAR was touched during a cached fit")
+
+    monkeypatch.setattr(stxd_cache.teacher.model.CenterPoint, "__init__", forbidden)
+    monkeypatch.setattr(stxd_cache.teacher.model, "build_teacher", forbidden)
+    monkeypatch.setattr(pipelines.lidar, "load_points", forbidden)
+    monkeypatch.setattr(pipelines.lidar, "load_sweeps", forbidden)
+    raw = tiny_student("bevformer")
+    raw["distill"] = ALL_TERMS
+    raw["train"]["max_steps"] = 2
+    out = tmp_path / "run"
+    fit(from_dict(StudentRunConfig, raw), dataroot=str(synth_root), version="v1.0-synth", out=out,
+        cache=str(cache), device="cpu")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert set(line["terms"]) == {"loss_heatmap", "loss_bbox", "loss_cd", "loss_td", "loss_rd", "loss_mse"}
+        assert all(v == v and v >= 0 for v in line["terms"].values())
+    # The saved student is the student alone: it loads without the adapter.
+    saved = torch.load(out / "student.pt", weights_only=True)
+    assert not any(k.startswith("adapter") for k in saved["state_dict"]) and saved["adapter"] is not None
+    # d_eff of the teacher (cache) and of the run's adapted BEV, in the teacher's channels.
+    from stxd_train.diagnose import diagnose
+
+    table = diagnose(cache, runs=[out], split="synth_val", device="cpu")
+    channels = open_cache(cache).meta.channels
+    assert [row["channels"] for row in table] == [channels, channels]
+    assert "adapted BEV" in table[1]["features"] and table[0]["rows"] == 4 * 16 * 16
+    assert all(1.0 <= row["d_eff"] <= channels for row in table)
+
+
+def _distiller(cache: Path, **distill: object) -> Distiller:
+    torch.manual_seed(0)
+    student = build_student(from_dict(StudentConfig, tiny_student("bevformer")["model"]))
+    meta = open_cache(cache).meta
+    return Distiller(student=student, cfg=from_dict(DistillConfig, {**ALL_TERMS, **distill}), teacher_grid=meta.grid,
+                     teacher_channels=meta.channels, token_grid=meta.token_grid, k_max=meta.k_max)
+
+
+@pytest.mark.parametrize("terms", [["cd", "td", "rd"], ["mse"]])
+def test_each_distillation_term_decreases_when_overfitting_one_batch(terms: list[str], train_index,
+                                                                     cache: Path) -> None:
+    """STXD's three terms together (and the MSE baseline alone) each fall when one batch is fitted."""
+    model = _distiller(cache, terms=terms)
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
+                            cache_path=str(cache))
+    batch = collate([dataset[2], dataset[3]])
+    assert batch.cache["past_valid"].any() and (batch.cache["count"] > 0).all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(25):
+        losses = model(batch)
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for name in (f"loss_{t}" for t in terms):
+        first, last = history[0][name], min(h[name] for h in history[-5:])
+        assert last < 0.8 * first, (name, [round(h[name], 4) for h in history])
+
+
+def test_distill_config_is_checked_against_the_cache(cache: Path, tmp_path: Path, synth_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"distill.k is 3 but the cache holds 2"):
+        _distiller(cache, k=3)
+    with pytest.raises(ConfigError, match="does not divide the cache's token grid 4"):
+        _distiller(cache, tokens=3)
+    with pytest.raises(ConfigError, match="terms"):
+        from_dict(DistillConfig, {"terms": ["cd", "kd"]})
+    raw = tiny_student("uvtr")
+    raw["distill"] = ALL_TERMS
+    with pytest.raises(ConfigError, match="need the teacher cache"):
+        fit(from_dict(StudentRunConfig, raw), dataroot=str(synth_root), version="v1.0-synth", out=tmp_path / "r",
+            device="cpu")
+
+
+def test_rd_alone_has_no_adapter(cache: Path) -> None:
+    model = _distiller(cache, terms=["rd"])
+    assert model.adapter is None
+
+
+def test_sweep_of_two_variants_in_parallel_reads_one_cache(tmp_path: Path, synth_root: Path, cache: Path) -> None:
+    """Two tiny variants as 2 concurrent fit processes on the same read-only cache, evaluated, in one table."""
+    import yaml
+
+    from pipelines.config import load_config
+    from stxd_train.sweep import SweepConfig, run_sweep
+
+    raw = tiny_student("bevformer")
+    raw["train"]["max_steps"] = 2
+    base = tmp_path / "student.yaml"
+    base.write_text(yaml.safe_dump(raw))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "config": str(base), "seeds": [0], "set": ["train.log_every=1"],
+        "variants": [{"name": "baseline"},
+                     {"name": "stxd", "set": ["distill.terms=[cd,td,rd]", "distill.alpha_cd=0.1"]}]}))
+    before = sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file())
+    rows = run_sweep(load_config(SweepConfig, grid), cache=str(cache), dataroot=str(synth_root),
+                     version="v1.0-synth", out=tmp_path / "sweep", parallel=2, progress=False)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("baseline", 0), ("stxd", 0)]
+    assert all(0.0 <= r["NDS"] <= 1.0 and r["step_time"] > 0 for r in rows)
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| baseline | 0 |" in table and "| stxd | 1 |" in table
+    saved = yaml.safe_load((tmp_path / "sweep" / "stxd" / "seed0" / "config.yaml").read_text())
+    assert saved["distill"]["terms"] == ["cd", "td", "rd"] and saved["cache"] == str(cache)
+    stxd_terms = json.loads((tmp_path / "sweep" / "stxd" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_cd", "loss_td", "loss_rd"} <= set(stxd_terms["terms"])
+    # Read-only: the cache's files are untouched; a second call reuses the finished runs.
+    assert sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()) == before
+    again = run_sweep(load_config(SweepConfig, grid), cache=str(cache), dataroot=str(synth_root),
+                      version="v1.0-synth", out=tmp_path / "sweep", parallel=2, progress=False)
+    assert again == rows
+
+
+@pytest.mark.parametrize(("precision", "rtol"), [("fp16", 2e-3), ("int8", 2e-2)])
+def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index, synth_root: Path, cache: Path,
+                                        teacher_ckpt: Path, tmp_path: Path) -> None:
+    """For one batch and one student output, every distillation term from the cache equals the term from the live
+    teacher: within fp16 rounding for an fp16 cache, within the documented int8 tolerance (2 %) for int8."""
+    import dataclasses
+
+    from stxd_cache.extract import extract
+    from stxd_train.fit import build_online_teacher
+    from tiny import CACHE, extract_job
+
+    if precision == "int8":
+        cache = tmp_path / "int8.zarr"
+        extract(extract_job(synth_root, teacher_ckpt, cache, precision="int8"))
+    model = _distiller(cache)
+    online = build_online_teacher(str(teacher_ckpt), dataclasses.replace(CACHE, precision=precision), 2,
+                                  torch.device("cpu"))
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
+                            cache_path=str(cache), lidar=online.frames)
+    batch = collate([dataset[2], dataset[3]])
+    with torch.no_grad():
+        out = model.student.eval()(batch)
+        cached = model.distill_terms(out, batch.cache, batch.gt_boxes)
+        live = online.records(batch.points)
+        recomputed = model.distill_terms(out, live, batch.gt_boxes)
+    assert torch.equal(live["past_valid"], batch.cache["past_valid"]) and torch.equal(live["count"],
+                                                                                       batch.cache["count"])
+    assert set(cached) == {"loss_cd", "loss_td", "loss_rd", "loss_mse"}
+    for name, value in cached.items():
+        assert float(recomputed[name]) == pytest.approx(float(value), rel=rtol), name
