@@ -8,6 +8,7 @@ checked once, when the dataset is built, so a missing token fails before the fir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 
 from pipelines.cameras import IMAGENET_MEAN, IMAGENET_STD, load_image, scale_intrinsic
 from pipelines.config import require
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, SensorFileError
 from pipelines.geometry import invert
 from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex, SampleInfo
@@ -135,6 +136,7 @@ class CameraDataset(Dataset[CameraSample]):
         self.lidar = lidar
         self.epoch = 0
         self._by_token = {s.token: s for s in index}
+        _require_images(index)
         self._cache: CacheReader | None = None
         self._cache_rows: np.ndarray | None = None
         if cache_path is not None:
@@ -210,6 +212,16 @@ class CameraDataset(Dataset[CameraSample]):
                             gt_boxes=torch.from_numpy(boxes[inside].astype(np.float32)),
                             gt_labels=torch.from_numpy(labels[inside].astype(np.int64)), cache=record,
                             points=points)
+
+
+def _require_images(index: SampleIndex) -> None:
+    """Every camera image of `index` exists, checked once up front so that training cannot fail hours in."""
+    missing = [cam.path for sample in index for cam in sample.cameras if not os.path.isfile(cam.path)]
+    if missing:
+        raise SensorFileError(
+            f"{len(missing)} camera image(s) of {index.version} {', '.join(index.splits)} are missing, first "
+            f"{', '.join(missing[:3])}; the dataset root {index.dataroot} is incomplete (check it with "
+            "`stxd-data check`) or --dataroot points to the wrong folder")
 
 
 def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:

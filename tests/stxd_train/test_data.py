@@ -99,13 +99,16 @@ def test_cache_join(train_index, cache: Path, synth_root: Path, teacher_ckpt: Pa
         CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache_path=str(val_only))
 
 
-def test_missing_image_names_the_file(train_index) -> None:
-    sample = train_index[0]
+def test_missing_image_fails_when_the_dataset_is_built(train_index) -> None:
+    """A missing image anywhere in the split is named before any sample is loaded."""
+    sample = train_index[5]
     cams = (dataclasses.replace(sample.cameras[0], path="/nonexistent/CAM_FRONT/x.jpg"), *sample.cameras[1:])
-    broken = SampleIndex([dataclasses.replace(sample, cameras=cams), *list(train_index)[1:]],
-                         dataroot=train_index.dataroot, version=train_index.version, splits=train_index.splits)
-    with pytest.raises(SensorFileError, match=re.escape("/nonexistent/CAM_FRONT/x.jpg")):
-        CameraDataset(broken, image_size=(64, 32), grid=GRID)[0]
+    samples = list(train_index)
+    samples[5] = dataclasses.replace(sample, cameras=cams)
+    broken = SampleIndex(samples, dataroot=train_index.dataroot, version=train_index.version,
+                         splits=train_index.splits)
+    with pytest.raises(SensorFileError, match=r"1 camera image\(s\) .* missing, first " + re.escape("/nonexistent/")):
+        CameraDataset(broken, image_size=(64, 32), grid=GRID)
 
 
 def test_spawn_workers_give_the_same_batches(train_index, cache: Path) -> None:
