@@ -60,7 +60,8 @@ smoke: venv
 	$(BIN)/stxd-cache verify $(OUT)/cache.zarr --dataroot $(OUT)/data
 	$(BIN)/stxd-cache info $(OUT)/cache.zarr
 	$(BIN)/stxd-train fit --config configs/student/bevformer_synth.yaml --dataroot $(OUT)/data --version v1.0-synth \
-		--cache $(OUT)/cache.zarr --out $(OUT)/student --set train.max_steps=4 --set train.log_every=2
+		--cache $(OUT)/cache.zarr --out $(OUT)/student --set train.max_steps=4 --set train.log_every=2 \
+		--set "distill.terms=[cd,td,rd]"
 	$(BIN)/stxd-train eval --run $(OUT)/student
 
 clean:
