@@ -136,6 +136,11 @@ class CameraDataset(Dataset[CameraSample]):
         self.lidar = lidar
         self.epoch = 0
         self._by_token = {s.token: s for s in index}
+        needed = max(queue, lidar.k if lidar is not None else 0)
+        short = [s.token for s in index if len(s.prev_tokens) < min(needed, s.frame_index)]
+        if short:
+            raise ConfigError(f"sample {short[0]} (and {len(short) - 1} more) links fewer previous keyframes than the "
+                              f"{needed} this dataset loads; build the SampleIndex with k_prev >= {needed}")
         _require_images(index)
         self._cache: CacheReader | None = None
         self._cache_rows: np.ndarray | None = None

@@ -83,6 +83,13 @@ def test_previous_frames_and_ego_motion(train_index) -> None:
     assert np.linalg.norm(item.prev2cur[1, :2, 3].numpy()) > 0.1
 
 
+def test_an_index_with_too_few_previous_keyframes_is_refused(nusc) -> None:
+    short = SampleIndex.from_nuscenes(nusc, ["synth_train"], k_prev=1, max_sweeps=0)
+    CameraDataset(short, image_size=(64, 32), grid=GRID, queue=1)
+    with pytest.raises(ConfigError, match="k_prev >= 2"):
+        CameraDataset(short, image_size=(64, 32), grid=GRID, queue=2)
+
+
 def test_cache_join(train_index, cache: Path, synth_root: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache_path=str(cache))
     batch = collate([dataset[0], dataset[3]])
