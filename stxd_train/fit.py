@@ -200,7 +200,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
                             seed=tc.seed, min_points=dc.min_points, cache_path=records,
                             lidar=None if online is None else online.frames)
-    dataset[0]   # a missing or unreadable image fails here, before any worker starts
+    dataset[0]   # an unreadable image of the first sample fails here, before any worker starts
     sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                rank=rank(), world_size=world_size(), tag_epoch=True)
     data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
