@@ -4,7 +4,7 @@ teacher's cached record of each sample.
 The adapted student BEV is `adapter(out.bev)`: a 1×1 conv (or a small stack of them) from the student's
 channels to the teacher's. The teacher BEV of the cache (on the distillation grid) is resampled to the
 student grid, whose range must be the same. TD pools the adapted student BEV to the cache's token grid; RD
-reads the student's dense head at each teacher box's centre cell (π) and decodes it there.
+reads the student's dense head at each teacher box's centre cell (π, `CenterHead.read_at`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.boxes import CODE_DIM, decode_boxes
-from pipelines.classes import DETECTION_CLASSES
 from pipelines.config import require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid, resample
@@ -85,41 +83,6 @@ def adapter_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:
     adapter = build_adapter(state[f"{convs[0]}.weight"].shape[1], widths[-1], widths[:-1])
     adapter.load_state_dict(state)
     return adapter
-
-
-def read_head_at(preds: Sequence[dict[str, torch.Tensor]], task_classes: Sequence[Sequence[int]], grid: BEVGrid,
-                 boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """π: the student's dense CenterHead read at the centre cell of each (teacher) box.
-
-    preds: one `TaskPreds` per task, maps (B, ·, H, W) on `grid`; task_classes: global class indices of each
-    task; boxes: (B, M, 9) in the keyframe LiDAR frame; labels: (B, M) class indices (the task whose regression
-    maps are read); valid: (B, M) bool. Returns student boxes (B, M, 9) decoded at those cells, class
-    probabilities (B, M, 10) there, and valid (B, M) narrowed to boxes whose centre is on the grid and whose
-    class some task predicts.
-    """
-    rows, cols = grid.shape
-    b = boxes.shape[0]
-    cell = torch.floor(grid.world_to_cell(boxes[..., :2].float()) + 0.5).long()        # (B, M, 2) col, row
-    on_grid = (cell[..., 0] >= 0) & (cell[..., 0] < cols) & (cell[..., 1] >= 0) & (cell[..., 1] < rows)
-    task_of = torch.full((len(DETECTION_CLASSES),), -1, dtype=torch.long, device=boxes.device)
-    probs = preds[0]["heatmap"].new_zeros(b, len(DETECTION_CLASSES), rows * cols)
-    for t, ids in enumerate(task_classes):
-        task_of[list(ids)] = t
-        probs[:, list(ids)] = torch.sigmoid(preds[t]["heatmap"]).flatten(2)
-    task = task_of[labels.clamp(0, len(DETECTION_CLASSES) - 1)]
-    valid = valid & on_grid & (labels >= 0) & (task >= 0)
-    flat = (cell[..., 1].clamp(0, rows - 1) * cols + cell[..., 0].clamp(0, cols - 1))   # (B, M)
-    reg = torch.stack([torch.cat([p[name] for name in ("reg", "height", "dim", "rot", "vel")], 1).flatten(2)
-                       for p in preds], 1)                                               # (B, T, 10, HW)
-    idx = flat[:, None, None, :].expand(-1, reg.shape[1], CODE_DIM, -1)
-    codes = reg.gather(3, idx)                                                           # (B, T, 10, M)
-    codes = codes.gather(1, task.clamp(min=0)[:, None, None, :].expand(-1, 1, CODE_DIM, -1))[:, 0].transpose(1, 2)
-    lower = codes.new_tensor([grid.x_range[0], grid.y_range[0]])
-    xy = (cell.to(codes.dtype) + codes[..., :2]) * codes.new_tensor(grid.cell_size) + lower
-    student_boxes = decode_boxes(torch.cat([xy, codes[..., 2:]], -1))
-    student_probs = probs.gather(2, flat[:, None, :].expand(-1, len(DETECTION_CLASSES), -1)).transpose(1, 2)
-    return student_boxes, student_probs, valid
 
 
 class Distiller(nn.Module):
@@ -205,8 +168,8 @@ class Distiller(nn.Module):
             count = cache["count"]
             m = cache["boxes"].shape[1]
             valid = torch.arange(m, device=count.device)[None, :] < count[:, None]
-            student_boxes, student_probs, valid = read_head_at(
-                out.preds, self.student.head.task_classes, self.student.grid, cache["boxes"], cache["labels"], valid)
+            student_boxes, student_probs, valid = self.student.head.read_at(
+                out.preds, self.student.grid, cache["boxes"], cache["labels"], valid)
             terms["loss_rd"] = cfg.alpha_rd * response_loss(
                 cache["boxes"], cache["probs"], cache["scores"], gt_boxes, student_boxes, student_probs,
                 gamma=cfg.gamma, valid=valid)

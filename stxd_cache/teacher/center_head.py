@@ -128,6 +128,16 @@ def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     return torch.as_tensor(_greedy_nms(order, bev_iou(b, b) > iou_threshold), device=scores.device)
 
 
+def boxes_from_codes(code: torch.Tensor, cells: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
+    """Boxes (..., 9) from head codes (..., 10) [dx, dy, z, log w, log l, log h, sin, cos, vx, vy] read at flat
+    cell indices `cells` (...,) = row · W + col of `grid`."""
+    cols = grid.shape[1]
+    cell_xy = torch.stack([cells % cols, cells // cols], dim=-1).to(code.dtype)
+    lower = code.new_tensor([grid.x_range[0], grid.y_range[0]])
+    xy = (cell_xy + code[..., :2]) * code.new_tensor(grid.cell_size) + lower
+    return decode_boxes(torch.cat([xy, code[..., 2:]], dim=-1))
+
+
 class ConvModule(nn.Module):
     """3x3 conv (no bias) / BatchNorm2d / ReLU with mmcv `ConvModule` names (`conv`, `bn`, `activate`)."""
 
@@ -298,6 +308,40 @@ class CenterHead(nn.Module):
         return {"loss_heatmap": self.loss_cfg.heatmap_weight * loss_heatmap,
                 "loss_bbox": self.loss_cfg.bbox_weight * loss_bbox}
 
+    def class_probs(self, preds: Sequence[TaskPreds]) -> torch.Tensor:
+        """(B, 10, H·W) sigmoid heatmaps in `DETECTION_CLASSES` order; 0 for classes no task predicts."""
+        first = preds[0]["heatmap"]
+        probs = first.new_zeros(first.shape[0], NUM_CLASSES, first.shape[2] * first.shape[3])
+        for ids, p in zip(self.task_classes, preds, strict=True):
+            probs[:, list(ids)] = torch.sigmoid(p["heatmap"]).flatten(2)
+        return probs
+
+    def read_at(self, preds: Sequence[TaskPreds], grid: BEVGrid, boxes: torch.Tensor, labels: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head's prediction at the centre cell of each given box (π of response distillation), with
+        gradients: the box decoded there from the regression maps of the task of the box's class, and the class
+        probabilities there.
+
+        preds: one `TaskPreds` per task on `grid`; boxes: (B, M, 9) in the keyframe LiDAR frame; labels: (B, M)
+        class indices; valid: (B, M) bool. Returns boxes (B, M, 9), probabilities (B, M, 10), and `valid`
+        narrowed to boxes whose centre cell is on the grid and whose class a task predicts.
+        """
+        rows, cols = grid.shape
+        cell = torch.floor(grid.world_to_cell(boxes[..., :2].float()) + 0.5).long()        # (B, M, 2) col, row
+        on_grid = (cell[..., 0] >= 0) & (cell[..., 0] < cols) & (cell[..., 1] >= 0) & (cell[..., 1] < rows)
+        task_of = torch.full((NUM_CLASSES,), -1, dtype=torch.long, device=boxes.device)
+        for t, ids in enumerate(self.task_classes):
+            task_of[list(ids)] = t
+        task = task_of[labels.clamp(0, NUM_CLASSES - 1)]
+        valid = valid & on_grid & (labels >= 0) & (task >= 0)
+        cells = cell[..., 1].clamp(0, rows - 1) * cols + cell[..., 0].clamp(0, cols - 1)   # (B, M)
+        reg = torch.stack([self.regression_maps(p).flatten(2) for p in preds], 1)           # (B, T, 10, H·W)
+        codes = reg.gather(3, cells[:, None, None, :].expand(-1, reg.shape[1], CODE_DIM, -1))
+        codes = codes.gather(1, task.clamp(min=0)[:, None, None, :].expand(-1, 1, CODE_DIM, -1))[:, 0]
+        probs = self.class_probs(preds)
+        probs = probs.gather(2, cells[:, None, :].expand(-1, NUM_CLASSES, -1)).transpose(1, 2)
+        return boxes_from_codes(codes.transpose(1, 2), cells, grid), probs, valid
+
     @torch.no_grad()
     def decode(self, preds: Sequence[TaskPreds], grid: BEVGrid) -> list[DecodedBoxes]:
         """Boxes per sample: top `pre_max_per_task` centres per task, score threshold, NMS per task (circle
@@ -310,11 +354,7 @@ class CenterHead(nn.Module):
         if tuple(first.shape[-2:]) != (rows, cols):
             raise ValueError(f"head maps of size {tuple(first.shape[-2:])} do not match grid {grid.describe()}")
         batch, device, cfg = first.shape[0], first.device, self.decode_cfg
-        probs = first.new_zeros(batch, NUM_CLASSES, rows * cols)
-        for ids, p in zip(self.task_classes, preds, strict=True):
-            probs[:, list(ids)] = torch.sigmoid(p["heatmap"]).flatten(2)
-        lower = first.new_tensor([grid.x_range[0], grid.y_range[0]])
-        cell = first.new_tensor(grid.cell_size)
+        probs = self.class_probs(preds)
         per_sample: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]
         for t, (ids, p) in enumerate(zip(self.task_classes, preds, strict=True)):
             heat = probs[:, list(ids)].flatten(1)  # (B, n_cls * H * W)
@@ -322,9 +362,7 @@ class CenterHead(nn.Module):
             cls, cells = flat // (rows * cols), flat % (rows * cols)
             reg = self.regression_maps(p).flatten(2)
             code = reg.gather(2, cells[:, None, :].expand(-1, CODE_DIM, -1)).transpose(1, 2)  # (B, k, 10)
-            cell_xy = torch.stack([cells % cols, cells // cols], dim=-1).to(code.dtype)
-            xy = (cell_xy + code[..., :2]) * cell + lower
-            boxes = decode_boxes(torch.cat([xy, code[..., 2:]], dim=-1))
+            boxes = boxes_from_codes(code, cells, grid)
             labels = torch.as_tensor(ids, device=device)[cls]
             for b in range(batch):
                 keep = torch.nonzero(scores[b] > cfg.score_threshold).flatten()

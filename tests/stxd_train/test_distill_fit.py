@@ -173,15 +173,19 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
         assert float(recomputed[name]) == pytest.approx(float(value), rel=rtol), name
 
 
-def test_read_head_at_decodes_the_centre_cell() -> None:
-    """π reads the task of the box's class at its centre cell and decodes the box the CenterHead way."""
+def test_head_read_at_decodes_the_centre_cell() -> None:
+    """π reads the task of the box's class at its centre cell and decodes the box as `decode` does."""
     import math
 
     from pipelines.grid import BEVGrid
-    from stxd_train.distiller import read_head_at
+    from stxd_cache.teacher.center_head import CenterHead
+    from stxd_cache.teacher.config import DecodeConfig, LossConfig, TargetConfig
 
     grid = BEVGrid.square(8.0, 8)                   # 2 m cells, cell (col 5, row 2) spans x 2..4, y -4..-2
-    task_classes = [[0], [1, 2]]                    # car; truck + construction vehicle
+    head = CenterHead(in_channels=4, tasks=[["car"], ["truck", "construction_vehicle"]], share_conv_channels=4,
+                      head_conv_channels=4, num_heatmap_convs=2, target=TargetConfig(), loss=LossConfig(),
+                      decode=DecodeConfig(nms="rotated", score_threshold=0.5))
+    task_classes = head.task_classes                # car; truck + construction vehicle
     preds = []
     for ids in task_classes:
         p = {"heatmap": torch.full((1, len(ids), 8, 8), -5.0), "reg": torch.zeros(1, 2, 8, 8),
@@ -198,10 +202,12 @@ def test_read_head_at_decodes_the_centre_cell() -> None:
     boxes = torch.tensor([[[3.1, -2.9, 0.0, 2.0, 5.0, 3.0, 0.0, 0.0, 0.0],      # truck centre in cell (5, 2)
                            [30.0, 0.0, 0.0, 2.0, 5.0, 3.0, 0.0, 0.0, 0.0]]])   # off the grid
     labels = torch.tensor([[1, 0]])
-    student, probs, valid = read_head_at(preds, task_classes, grid, boxes, labels, torch.ones(1, 2, dtype=torch.bool))
+    student, probs, valid = head.read_at(preds, grid, boxes, labels, torch.ones(1, 2, dtype=torch.bool))
     assert valid.tolist() == [[True, False]]
     expected = [-8 + (5 + 0.25) * 2, -8 + (2 + 0.75) * 2, -1.0, 2.5, 6.0, 3.0, math.pi / 2, 3.0, -1.0]
     assert student[0, 0].tolist() == pytest.approx(expected, abs=1e-5)
     assert probs[0, 0, 1].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert probs[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-5.0)).item())
     assert probs[0, 0, 3:].abs().sum() == 0         # classes no task predicts
+    decoded = head.decode(preds, grid)[0]           # the one cell above the score threshold
+    assert decoded.boxes[0].tolist() == pytest.approx(expected, abs=1e-5)
