@@ -447,18 +447,25 @@ def encode_record(record: TeacherRecord, meta: CacheMeta, token: str) -> dict[st
     else:
         row["bev"] = bev.astype(np.float16)
     row["tokens"] = tokens.astype(np.float16)
-    keep = np.argsort(-scores, kind="stable")[:m]
-    count = len(keep)
-    row["boxes"] = np.zeros((m, BOX_DIM), np.float32)
-    row["boxes"][:count] = boxes[keep]
-    row["box_scores"] = np.zeros(m, np.float32)
-    row["box_scores"][:count] = scores[keep]
-    row["box_labels"] = np.full(m, -1, np.int16)
-    row["box_labels"][:count] = labels[keep]
-    row["box_probs"] = np.zeros((m, nc), np.float16)
-    row["box_probs"][:count] = probs[keep]
-    row["box_count"] = np.asarray(count, np.int32)
+    top = top_boxes(boxes, scores, labels, probs, m)
+    row["boxes"], row["box_scores"] = top["boxes"], top["scores"]
+    row["box_labels"], row["box_probs"] = top["labels"].astype(np.int16), top["probs"].astype(np.float16)
+    row["box_count"] = np.asarray(top["count"], np.int32)
     return row
+
+
+def top_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+              capacity: int) -> dict[str, np.ndarray]:
+    """The `capacity` best boxes by score (stable), padded: `boxes (M, 9)` and `scores (M,)` float32 zeros,
+    `labels (M,)` int64 -1 and `probs (M, C)` float32 zeros past `count`."""
+    keep = np.argsort(-scores, kind="stable")[:capacity]
+    count = len(keep)
+    out = {"boxes": np.zeros((capacity, BOX_DIM), np.float32), "scores": np.zeros(capacity, np.float32),
+           "labels": np.full(capacity, -1, np.int64), "probs": np.zeros((capacity, probs.shape[1]), np.float32)}
+    out["boxes"][:count], out["scores"][:count] = boxes[keep], scores[keep]
+    out["labels"][:count], out["probs"][:count] = labels[keep], probs[keep]
+    out["count"] = np.asarray(count, np.int64)
+    return out
 
 
 def prev_index_problems(prev: np.ndarray, *, scenes: Sequence[str] | None = None,

@@ -65,6 +65,12 @@ class DistillConfig:
         return bool(self.terms)
 
 
+def bev_tokens(bev: torch.Tensor, token_grid: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, P·P, C): means of P×P blocks in the cache's token order
+    (`stxd_cache.schema.pool_tokens`); H and W must be multiples of P."""
+    return F.adaptive_avg_pool2d(bev, token_grid).flatten(2).transpose(1, 2)
+
+
 def build_adapter(in_channels: int, out_channels: int, hidden: Sequence[int]) -> nn.Sequential:
     """1×1 convs from the student's channels to the teacher's, with BN and ReLU between them."""
     layers: list[nn.Module] = []
@@ -129,8 +135,7 @@ class Distiller(nn.Module):
             return tokens
         *lead, _, c = tokens.shape
         grid = tokens.reshape(-1, self.token_grid, self.token_grid, c).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(grid, self.token_grid // self.tokens)
-        return pooled.flatten(2).transpose(1, 2).reshape(*lead, self.tokens**2, c)
+        return bev_tokens(grid, self.tokens).reshape(*lead, self.tokens**2, c)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:  # a `stxd_train.data.CameraBatch` with `cache`
         if batch.cache is not None:
@@ -159,7 +164,7 @@ class Distiller(nn.Module):
             if "mse" in cfg.terms:
                 terms["loss_mse"] = cfg.alpha_mse * feature_mse(teacher, adapted)
         if "td" in cfg.terms:
-            student_tokens = F.adaptive_avg_pool2d(adapted, self.tokens).flatten(2).transpose(1, 2)
+            student_tokens = bev_tokens(adapted, self.tokens)
             k = cfg.k
             terms["loss_td"] = cfg.alpha_td * temporal_loss(
                 self._teacher_tokens(cache["tokens"]), self._teacher_tokens(cache["past_tokens"][:, :k]),

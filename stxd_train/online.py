@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipelines.classes import DETECTION_CLASSES
 from pipelines.grid import BEVGrid, resample
+from stxd_cache.schema import top_boxes
+from stxd_train.distiller import bev_tokens
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,6 @@ class OnlineTeacher:
         out = self.model(points)
         return resample(out.bev.float(), self.model.bev_grid, self.grid), out
 
-    def _tokens(self, bev: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, P·P, C), the order of `stxd_cache.schema.pool_tokens`."""
-        return F.adaptive_avg_pool2d(bev, self.token_grid).flatten(2).transpose(1, 2)
-
     @torch.no_grad()
     def records(self, points: Sequence[Sequence[torch.Tensor | None]]) -> dict[str, torch.Tensor]:
         """points[b][f]: (N, 5) LiDAR points of sample b's frame f (0: the keyframe, then previous keyframes
@@ -59,18 +55,12 @@ class OnlineTeacher:
         device = next(self.model.parameters()).device
         batch = len(points)
         bev, out = self._bev([p[0].to(device) for p in points])
-        tokens = self._tokens(bev)
-        m, ncls = self.box_capacity, len(DETECTION_CLASSES)
-        boxes = torch.zeros(batch, m, 9, device=device)
-        scores = torch.zeros(batch, m, device=device)
-        labels = torch.full((batch, m), -1, dtype=torch.int64, device=device)
-        probs = torch.zeros(batch, m, ncls, device=device)
-        count = torch.zeros(batch, dtype=torch.int64, device=device)
-        for b, det in enumerate(self.model.decode(out)):
-            keep = torch.argsort(-det.scores, stable=True)[:m]
-            n = len(keep)
-            boxes[b, :n], scores[b, :n] = det.boxes[keep], det.scores[keep]
-            labels[b, :n], probs[b, :n], count[b] = det.labels[keep], det.probs[keep], n
+        tokens = bev_tokens(bev, self.token_grid)
+        # The boxes a cache row keeps: the top M by score, padded (the cache's own code).
+        tops = [top_boxes(*(x.cpu().numpy() for x in (d.boxes, d.scores, d.labels, d.probs)), self.box_capacity)
+                for d in self.model.decode(out)]
+        boxes, scores, labels, probs, count = (torch.from_numpy(np.stack([t[name] for t in tops])).to(device)
+                                               for name in ("boxes", "scores", "labels", "probs", "count"))
         k = self.frames.k
         past_tokens = torch.zeros(batch, k, tokens.shape[1], tokens.shape[2], device=device)
         past_valid = torch.zeros(batch, k, dtype=torch.bool, device=device)
@@ -78,7 +68,7 @@ class OnlineTeacher:
                  if points[b][f] is not None]
         if slots:
             past_bev, _ = self._bev([points[b][f].to(device) for b, f in slots])
-            past = self._tokens(past_bev)
+            past = bev_tokens(past_bev, self.token_grid)
             for j, (b, f) in enumerate(slots):
                 past_tokens[b, f - 1], past_valid[b, f - 1] = past[j], True
         return {"bev": bev, "tokens": tokens, "past_tokens": past_tokens, "past_valid": past_valid, "boxes": boxes,

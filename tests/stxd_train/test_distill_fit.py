@@ -211,3 +211,13 @@ def test_head_read_at_decodes_the_centre_cell() -> None:
     assert probs[0, 0, 3:].abs().sum() == 0         # classes no task predicts
     decoded = head.decode(preds, grid)[0]           # the one cell above the score threshold
     assert decoded.boxes[0].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_bev_tokens_match_the_cache_token_order() -> None:
+    import numpy as np
+
+    from stxd_cache.schema import pool_tokens
+    from stxd_train.distiller import bev_tokens
+
+    bev = torch.randn(2, 3, 8, 8)
+    np.testing.assert_allclose(bev_tokens(bev, 4).numpy(), pool_tokens(bev.numpy(), 4), atol=1e-6)
