@@ -91,6 +91,16 @@ def require(where: str, checks: Iterable[tuple[bool, str, Any, str]]) -> None:
             raise ConfigError(f"{where} field `{name}`: found {value!r}, expected {expected}")
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"a.b.c": leaf}; a non-mapping `d` is the single entry {prefix: d}."""
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -> T:
     """Build the dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]

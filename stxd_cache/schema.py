@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.classes import DETECTION_CLASSES
-from pipelines.config import require
+from pipelines.config import flatten, require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid
 from stxd_cache.errors import RecordError
@@ -227,15 +227,6 @@ class CacheMeta:
         }
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -243,7 +234,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def fingerprint_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
     """One line per differing leaf field, `teacher.sha256: store has '…', requested '…'`."""
-    a, b = _flatten(stored), _flatten(requested)
+    a, b = flatten(stored), flatten(requested)
     missing = object()
     lines = []
     for key in sorted(set(a) | set(b)):

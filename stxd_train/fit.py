@@ -25,8 +25,6 @@ from stxd_train.distiller import DistillConfig, Distiller
 from stxd_train.engine import OptimConfig, TrainConfig
 from stxd_train.students.config import StudentConfig
 
-#: Run-config fields that may change when a run is resumed: they do not change what is trained.
-RESUMABLE_CHANGES = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
 #: Top-level keys of a saved run config that are not part of `StudentRunConfig`.
 RUN_KEYS = ("kind", "dataroot", "version", "cache")
 
@@ -77,30 +75,6 @@ class StudentLoss(nn.Module):
 def run_config(saved: dict[str, Any], where: str) -> StudentRunConfig:
     """The `StudentRunConfig` of a saved run config (`RUN/config.yaml`)."""
     return from_dict(StudentRunConfig, {k: v for k, v in saved.items() if k not in RUN_KEYS}, where=where)
-
-
-def check_resume(out: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume `out` with a config other than the one it was trained with."""
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"cannot resume {out}: {path} does not exist (the run never started); start it without "
-                          "--resume")
-    saved = _flatten(read_yaml(path))
-    new = _flatten(json.loads(json.dumps(config)))
-    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        listing = "; ".join(f"{k}: run has {saved.get(k)!r}, now {new.get(k)!r}" for k in changed[:6])
-        raise ConfigError(f"cannot resume {out} with another config ({len(changed)} field(s) differ: {listing}); "
-                          f"resume with `--config {path}` and the same --dataroot/--cache, or train into a new --out")
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return {k.rstrip("."): v for k, v in out.items()}
 
 
 def open_student_cache(path: str, cfg: StudentConfig) -> Any:
@@ -157,6 +131,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         Trainer,
         build_optimizer,
         build_scheduler,
+        check_run_config,
         init_from_env,
         is_main_process,
         loader_generator,
@@ -177,7 +152,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         config["teacher_online"] = {"checkpoint": str(teacher_online), "layout": to_dict(cache_config or
                                                                                          ExtractConfig())}
     if resume:
-        check_resume(out, config)
+        check_run_config(out, config)
     distributed_device = init_from_env()
     dev = distributed_device if world_size() > 1 else resolve_device(device)
     seed_everything(tc.seed)

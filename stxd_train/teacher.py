@@ -80,12 +80,16 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
         Trainer,
         build_optimizer,
         build_scheduler,
+        check_run_config,
         loader_generator,
         seed_everything,
         seed_worker,
     )
 
     out = Path(out)
+    run_config = {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)}
+    if resume:
+        check_run_config(out, run_config)
     dev = resolve_device(device)
     tc, dc = cfg.train, cfg.data
     seed_everything(tc.seed)
@@ -103,7 +107,6 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     model = TeacherLoss(teacher).to(dev)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
-    run_config = {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)}
     hooks = [RunConfigHook(config=run_config),
              CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
              MetricsHook(every=tc.log_every), ProgressHook()]

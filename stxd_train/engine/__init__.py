@@ -25,6 +25,7 @@ from __future__ import annotations
 from stxd_train.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    check_run_config,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -65,6 +66,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
+    "check_run_config",
     "deterministic",
     "init_from_env",
     "is_main_process",

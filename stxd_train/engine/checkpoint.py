@@ -149,3 +149,29 @@ def save_run_config(out_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
         atomic_write(path, _bytes_writer(text.encode()))
     return path
 
+
+
+#: Run-config fields a resumed run may change: how it is logged or loaded, and `train.max_steps` to extend a
+#: run (the schedule's horizon then becomes the new length).
+RESUMABLE_CHANGES = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers", "train.max_steps"})
+
+
+def check_run_config(out_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse to resume the run in `out_dir` with a config other than its `config.yaml` (fields in
+    `RESUMABLE_CHANGES` aside); the error names the fields that differ."""
+    import json
+
+    from pipelines.config import flatten, read_yaml
+    from pipelines.errors import ConfigError
+
+    out_dir = Path(out_dir)
+    path = out_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {out_dir}: {path} does not exist (the run never started); start it "
+                          "without --resume")
+    saved, new = flatten(read_yaml(path)), flatten(json.loads(json.dumps(dict(config))))
+    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        listing = "; ".join(f"{k}: run has {saved.get(k)!r}, now {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"cannot resume {out_dir} with another config ({len(changed)} field(s) differ: {listing}); "
+                          f"resume with `--config {path}` and the same data options, or train into a new --out")

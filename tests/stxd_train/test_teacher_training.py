@@ -37,6 +37,8 @@ def test_train_resume_and_evaluate(synth_root: Path, tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     again = subprocess.run([*base, "--no-eval"], capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr     # a run folder is never silently reused
+    other = subprocess.run([*base, "--resume", "--set", "optim.lr=0.5", "--no-eval"], capture_output=True, text=True)
+    assert other.returncode == 2 and "optim.lr" in " ".join(other.stderr.split())   # nor resumed with another config
     resumed = subprocess.run([*base, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
