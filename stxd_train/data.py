@@ -9,7 +9,7 @@ checked once, when the dataset is built, so a missing token fails before the fir
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
-from pipelines.cameras import IMAGENET_MEAN, IMAGENET_STD, load_image, scale_intrinsic
+from pipelines.cameras import load_cameras
 from pipelines.config import require
 from pipelines.errors import ConfigError, SensorFileError
 from pipelines.geometry import invert
@@ -37,7 +37,8 @@ class CameraAugmentConfig:
 
     Each image is resized by a random factor in `scale` times the base resize to `image_size`, then a window
     of `image_size` is cut at a random position (zero padded where the scaled image is smaller). All cameras
-    and frames of one item share the factor and the window, so the rig stays consistent over time.
+    and frames of one item share the factor and the window, so the rig stays consistent over time; the
+    photometric factors are drawn per frame.
     """
 
     scale: tuple[float, float] = field(default=(1.0, 1.0), metadata={"help": "random resize factor range"})
@@ -176,7 +177,7 @@ class CameraDataset(Dataset[CameraSample]):
         epoch = epoch or self.epoch
         sample = self.index[i]
         rng = np.random.default_rng([self.seed, epoch, i]) if self.augment is not None else None
-        view = _draw_view(self.augment, rng)
+        scale, offset = _draw_view(self.augment, rng)
         frames: list[SampleInfo | None] = [sample]
         for k in range(self.queue):
             token = sample.prev_tokens[k] if k < len(sample.prev_tokens) else None
@@ -194,7 +195,9 @@ class CameraDataset(Dataset[CameraSample]):
             if frame is None:
                 continue
             valid[f] = True
-            images[f], lidar2img[f] = _load_views(frame, self.image_size, view, self.augment, rng)
+            cams = load_cameras(frame, self.image_size, scale=scale, offset=offset,
+                                adjust=_draw_adjust(self.augment, rng))
+            images[f], lidar2img[f] = cams.images, cams.lidar2img
             prev2cur[f] = cur_inv @ frame.lidar2global
         gt = sample.gt
         boxes = gt.boxes[gt.num_lidar_pts >= self.min_points]
@@ -242,61 +245,32 @@ def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:
     return [cache.index_of(t) for t in tokens]
 
 
-@dataclass(frozen=True)
-class _View:
-    """The geometric augmentation of one item: resize factor and crop offset (pixels)."""
-
-    scale: float = 1.0
-    offset: tuple[float, float] = (0.0, 0.0)   # fractions of the free margin, in [0, 1]
-
-
-def _draw_view(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None) -> _View:
+def _draw_view(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None
+               ) -> tuple[float, tuple[float, float]]:
+    """The resize factor and window position of one item, shared by its cameras and frames."""
     if cfg is None or rng is None or not cfg.geometric:
-        return _View()
-    return _View(scale=float(rng.uniform(*cfg.scale)), offset=(float(rng.random()), float(rng.random())))
+        return 1.0, (0.0, 0.0)
+    return float(rng.uniform(*cfg.scale)), (float(rng.random()), float(rng.random()))
 
 
-def _load_views(sample: SampleInfo, size: tuple[int, int], view: _View, augment: CameraAugmentConfig | None,
-                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """(6, 3, H, W) normalised images and (6, 4, 4) `lidar2img` of one frame under `view`."""
-    w, h = size
-    sw, sh = round(w * view.scale), round(h * view.scale)
-    # The crop window's top-left corner in the scaled image; negative when the scaled image is smaller (pad).
-    x0, y0 = round((sw - w) * view.offset[0]), round((sh - h) * view.offset[1])
-    shift = np.eye(3)
-    shift[:2, 2] = (-x0, -y0)
-    jitter = _draw_photometric(augment, rng)
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    images = np.zeros((6, 3, h, w), np.float32)
-    lidar2img = np.zeros((6, 4, 4), np.float32)
-    for c, cam in enumerate(sample.cameras):
-        img = load_image(cam.path)
-        if img.size != (sw, sh):
-            img = img.resize((sw, sh), Image.Resampling.BILINEAR)
+def _draw_adjust(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None
+                 ) -> Callable[[Image.Image], Image.Image] | None:
+    """The photometric change of one frame (brightness, contrast, saturation factors), or None."""
+    if cfg is None or rng is None:
+        return None
+    jitter = [(enhancer, float(rng.uniform(1 - amount, 1 + amount)))
+              for enhancer, amount in ((ImageEnhance.Brightness, cfg.brightness),
+                                       (ImageEnhance.Contrast, cfg.contrast),
+                                       (ImageEnhance.Color, cfg.saturation)) if amount > 0]
+    if not jitter:
+        return None
+
+    def adjust(img: Image.Image) -> Image.Image:
         for enhancer, factor in jitter:
             img = enhancer(img).enhance(factor)
-        arr = (np.asarray(img, np.float32) - mean) / std
-        canvas = np.zeros((h, w, 3), np.float32)
-        sx, sy = max(x0, 0), max(y0, 0)
-        dx, dy = max(-x0, 0), max(-y0, 0)
-        cw, ch = min(w - dx, sw - sx), min(h - dy, sh - sy)
-        canvas[dy:dy + ch, dx:dx + cw] = arr[sy:sy + ch, sx:sx + cw]
-        images[c] = canvas.transpose(2, 0, 1)
-        k = np.eye(4)
-        k[:3, :3] = shift @ scale_intrinsic(cam.intrinsic, cam.size, (sw, sh))
-        lidar2img[c] = k @ cam.lidar2cam
-    return images, lidar2img
+        return img
 
-
-def _draw_photometric(cfg: CameraAugmentConfig | None, rng: np.random.Generator | None) -> list[tuple]:
-    if cfg is None or rng is None:
-        return []
-    out = []
-    for enhancer, amount in ((ImageEnhance.Brightness, cfg.brightness), (ImageEnhance.Contrast, cfg.contrast),
-                             (ImageEnhance.Color, cfg.saturation)):
-        if amount > 0:
-            out.append((enhancer, float(rng.uniform(1 - amount, 1 + amount))))
-    return out
+    return adjust
 
 
 _CACHE_FIELDS = ("bev", "tokens", "past_tokens", "past_valid", "boxes", "scores", "labels", "probs")
