@@ -36,10 +36,8 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
     from pipelines.nuscenes import SampleIndex
     from stxd_cache.store import open_cache
     from stxd_cache.teacher.model import resolve_device
-    from stxd_train.data import CameraDataset, collate
     from stxd_train.distill import effective_dimension
-    from stxd_train.engine import to_device
-    from stxd_train.fit import load_student, run_config
+    from stxd_train.fit import load_student, run_config, student_outputs
 
     reader = open_cache(cache)
     reader.require_complete()
@@ -49,7 +47,9 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
             raise ConfigError("diagnose needs --dataroot and --version to find the split's samples when no --run is "
                               "given")
         dataroot, version = dataroot or saved[0]["dataroot"], version or saved[0]["version"]
-    index = SampleIndex.load(dataroot, version, [split], k_prev=4, max_sweeps=0)
+    cfgs = [run_config(c, where=str(Path(r) / "config.yaml")) for r, c in zip(runs, saved, strict=True)]
+    index = SampleIndex.load(dataroot, version, [split], k_prev=max((c.model.queue for c in cfgs), default=0),
+                             max_sweeps=0)
     teacher_rows = []
     for sample in index:
         bev = reader.read(reader.index_of(sample.token)).bev
@@ -58,19 +58,13 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
     table = [{"features": f"teacher ({reader.meta.teacher.name}, cache)", "channels": x.shape[1],
               "rows": x.shape[0], "d_eff": effective_dimension(x)}]
     dev = resolve_device(device)
-    for run, config in zip(runs, saved, strict=True):
-        cfg = run_config(config, where=str(Path(run) / "config.yaml"))
+    for run, cfg in zip(runs, cfgs, strict=True):
         student = load_student(Path(run) / "student.pt", dev)
-        dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=cfg.data.num_workers,
-                                             collate_fn=collate)
         rows = []
-        with torch.inference_mode():
-            for batch in loader:
-                bev = student(to_device(batch, dev)).bev
-                if student.adapter is not None:
-                    bev = student.adapter(bev)
-                rows.append(bev.permute(0, 2, 3, 1).flatten(0, 2).cpu().numpy())
+        for _, out in student_outputs(student, cfg, index, dev):
+            with torch.inference_mode():
+                bev = out.bev if student.adapter is None else student.adapter(out.bev)
+            rows.append(bev.permute(0, 2, 3, 1).flatten(0, 2).cpu().numpy())
         x = _subsample(rows, max_rows, seed)
         terms = ",".join(cfg.distill.terms) or "none"
         kind = "adapted BEV" if student.adapter is not None else "BEV"

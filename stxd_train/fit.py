@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,19 +231,32 @@ def load_student(path: str | Path, device: torch.device) -> nn.Module:
     return student.to(device).eval()
 
 
+def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, device: torch.device, *,
+                    batch_size: int = 2) -> Iterator[tuple[list[str], Any]]:
+    """(sample tokens, `StudentOutput`) for every batch of `index`, without augmentation or gradient."""
+    from torch.utils.data import DataLoader
+
+    from stxd_train.data import CameraDataset, collate
+    from stxd_train.engine import to_device
+
+    dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
+                            min_points=cfg.data.min_points)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    with torch.inference_mode():
+        for batch in loader:
+            batch = to_device(batch, device)
+            yield batch.tokens, student(batch)
+
+
 def evaluate_student(run: str | Path, *, split: str | None = None, device: str = "auto",
                      dataroot: str | None = None, batch_size: int = 2) -> dict[str, Any]:
     """Decode the student of run folder `run` on `split` and score it with the real DetectionEval; writes
     `RUN/metrics.json`, `RUN/training_curves.png` and, under `RUN/eval/<split>/`, the submission, `summary.md`
     and PR-curve PNGs."""
-    from torch.utils.data import DataLoader
-
     from pipelines.evaluation import Detections, build_submission, evaluate
     from pipelines.nuscenes import SampleIndex, load_nuscenes
     from stxd_cache.teacher.model import resolve_device
     from stxd_train.curves import plot_training_curves
-    from stxd_train.data import CameraDataset, collate
-    from stxd_train.engine import to_device
 
     run = Path(run)
     saved = read_yaml(run / "config.yaml")
@@ -253,16 +267,11 @@ def evaluate_student(run: str | Path, *, split: str | None = None, device: str =
     split = split or cfg.data.val_split
     nusc = load_nuscenes(root, saved["version"])
     index = SampleIndex.from_nuscenes(nusc, [split], k_prev=cfg.model.queue, max_sweeps=0)
-    dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                            min_points=cfg.data.min_points)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
     predictions: dict[str, Detections] = {}
-    with torch.inference_mode():
-        for batch in loader:
-            batch = to_device(batch, dev)
-            for token, det in zip(batch.tokens, student.decode(student(batch)), strict=True):
-                predictions[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
-                                                labels=det.labels.cpu().numpy())
+    for tokens, out in student_outputs(student, cfg, index, dev, batch_size=batch_size):
+        for token, det in zip(tokens, student.decode(out), strict=True):
+            predictions[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
+                                            labels=det.labels.cpu().numpy())
     submission = build_submission(index, predictions, use_camera=True)
     metrics = evaluate(nusc, submission, split, run / "eval" / split, report=True)
     metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
