@@ -121,6 +121,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path: Path, synth_root: Path) -
     single, ddp = run("single", 1, 2), run("ddp", 2, 1)
     a, b = _metrics(single), _metrics(ddp)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=0.02), (x, y)   # measured: 0.3 % at step 1, 1.1 % at 3
+    gaps = [abs(y["loss"] - x["loss"]) / x["loss"] for x, y in zip(a, b, strict=True)]
+    print("DDP vs 1 process, relative loss gap per step:", ", ".join(f"{100 * g:.2f} %" for g in gaps))
+    assert max(gaps) < 0.02, (a, b)
     assert (ddp / "student.pt").is_file() and len(list((ddp / "checkpoints").glob("*.pt"))) == 1
