@@ -24,6 +24,7 @@ from pipelines.errors import ConfigError, SensorFileError
 from pipelines.geometry import invert
 from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex, SampleInfo
+from stxd_train.distill.response import best_gt_iou
 
 if TYPE_CHECKING:
     from stxd_cache.schema import CacheRecord
@@ -79,6 +80,9 @@ class CameraSample:
     """(N,) int64 indices into `DETECTION_CLASSES`."""
     cache: CacheRecord | None = None
     """The teacher's cached record of this sample, when the dataset has a cache."""
+    cache_iou: torch.Tensor | None = None
+    """(M,) each cached teacher box's best BEV IoU with `gt_boxes` (RD's quality), computed here, in the loader
+    worker, rather than in the training step; None without a cache."""
     points: tuple[torch.Tensor | None, ...] | None = None
     """LiDAR points (N, 5) of the keyframe and its previous keyframes (None where missing), each in its own
     LiDAR frame, for an online teacher; None otherwise."""
@@ -97,7 +101,7 @@ class CameraBatch:
     gt_labels: list[torch.Tensor]
     cache: dict[str, torch.Tensor] | None = None
     """Stacked cache fields (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`, `scores`, `labels`,
-    `probs`, `count`), each with a leading batch axis; None without a cache."""
+    `probs`, `count`) and the boxes' best GT IoU `iou`, each with a leading batch axis; None without a cache."""
     points: list[tuple[torch.Tensor | None, ...]] | None = None
     """Per sample, the online teacher's LiDAR frames (see `CameraSample.points`); None without one."""
 
@@ -203,9 +207,12 @@ class CameraDataset(Dataset[CameraSample]):
         boxes = gt.boxes[gt.num_lidar_pts >= self.min_points]
         labels = gt.labels[gt.num_lidar_pts >= self.min_points]
         inside = self.grid.contains(boxes[:, :2])
-        record = None
+        boxes, labels = boxes[inside].astype(np.float32), labels[inside].astype(np.int64)
+        record, iou = None, None
         if self._cache_rows is not None:
             record = self.cache.read(int(self._cache_rows[i]))
+            iou = np.zeros(len(record.boxes), np.float32)
+            iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes)
         points = None
         if self.lidar is not None:
             from stxd_train.online import load_frames
@@ -217,9 +224,8 @@ class CameraDataset(Dataset[CameraSample]):
         return CameraSample(token=sample.token, images=torch.from_numpy(images),
                             lidar2img=torch.from_numpy(lidar2img), prev2cur=torch.from_numpy(prev2cur),
                             frame_valid=torch.from_numpy(valid),
-                            gt_boxes=torch.from_numpy(boxes[inside].astype(np.float32)),
-                            gt_labels=torch.from_numpy(labels[inside].astype(np.int64)), cache=record,
-                            points=points)
+                            gt_boxes=torch.from_numpy(boxes), gt_labels=torch.from_numpy(labels), cache=record,
+                            cache_iou=None if iou is None else torch.from_numpy(iou), points=points)
 
 
 def _require_images(index: SampleIndex) -> None:
@@ -283,6 +289,7 @@ def collate(samples: Sequence[CameraSample]) -> CameraBatch:
         records = [s.cache for s in samples]
         cache = {name: torch.from_numpy(np.stack([getattr(r, name) for r in records])) for name in _CACHE_FIELDS}
         cache["count"] = torch.tensor([r.count for r in records], dtype=torch.int64)
+        cache["iou"] = torch.stack([s.cache_iou for s in samples])
     return CameraBatch(
         tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
         lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),

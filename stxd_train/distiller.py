@@ -177,5 +177,5 @@ class Distiller(nn.Module):
                 out.preds, self.student.grid, cache["boxes"], cache["labels"], valid)
             terms["loss_rd"] = cfg.alpha_rd * response_loss(
                 cache["boxes"], cache["probs"], cache["scores"], gt_boxes, student_boxes, student_probs,
-                gamma=cfg.gamma, valid=valid)
+                gamma=cfg.gamma, valid=valid, iou=cache.get("iou"))
         return terms

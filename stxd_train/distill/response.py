@@ -42,18 +42,32 @@ def _to_numpy(boxes: Any) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64)
 
 
+def best_gt_iou(teacher_boxes: Any, gt_boxes: Any) -> np.ndarray:
+    """(M,) float64: each teacher box's largest rotated BEV IoU with any GT box (0 without GT).
+
+    teacher_boxes: (M, 9); gt_boxes: (G, 9); tensors or arrays. The IoU part of `quality_weights`, for callers
+    that compute it once per sample (e.g. a DataLoader worker) and pass it as `iou`.
+    """
+    boxes, gt = _to_numpy(teacher_boxes).reshape(-1, 9), _to_numpy(gt_boxes).reshape(-1, 9)
+    if not len(boxes) or not len(gt):
+        return np.zeros(len(boxes))
+    return bev_iou(boxes, gt).max(axis=1)
+
+
 def quality_weights(
     teacher_boxes: Tensor,
     teacher_scores: Tensor,
     gt_boxes: Sequence[Any],
     gamma: float = 0.5,
     valid: Tensor | None = None,
+    iou: Tensor | None = None,
 ) -> Tensor:
     """Quality q of each teacher box: high when the teacher is both confident and right.
 
     teacher_boxes: (B, M, 9) [x, y, z, w, l, h, yaw, vx, vy] in the LiDAR frame; teacher_scores: (B, M) in
     [0, 1]; gt_boxes: B tensors (or arrays) of shape (G_i, 9), the ground truth of each sample, G_i may be 0;
-    valid: (B, M) bool, False for padding slots (None = all valid).
+    valid: (B, M) bool, False for padding slots (None = all valid); iou: (B, M) `best_gt_iou` of the boxes when
+    already computed (then `gt_boxes` is not read).
 
     For teacher box i of sample b, IoU_i = max_g IoU_BEV(b_i, gt_g) over the GT boxes of sample b, the exact
     rotated bird's-eye-view IoU of `pipelines.boxes.bev_iou` (on detached CPU float64 copies), and 0 when the
@@ -76,16 +90,18 @@ def quality_weights(
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1]; got {gamma}")
     mask = _valid_mask(valid, shape, torch.device("cpu")).numpy()
-    boxes = _to_numpy(teacher_boxes)
-    iou = np.zeros(shape, dtype=np.float64)
-    for b, gt in enumerate(gt_boxes):
-        gt_np = _to_numpy(gt)
-        rows = np.flatnonzero(mask[b])
-        if gt_np.size and len(rows):
-            iou[b, rows] = bev_iou(boxes[b, rows], gt_np.reshape(-1, gt_np.shape[-1])).max(axis=1)
+    if iou is not None:
+        if tuple(iou.shape) != shape:
+            raise ValueError(f"iou must have the shape (B, M) = {shape}; got {tuple(iou.shape)}")
+        best = iou.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        best = np.zeros(shape, dtype=np.float64)
+        for b, gt in enumerate(gt_boxes):
+            rows = np.flatnonzero(mask[b])
+            best[b, rows] = best_gt_iou(teacher_boxes[b, rows], gt)
     scores = teacher_scores.detach().to(device="cpu", dtype=torch.float64)
     scores = torch.where(torch.from_numpy(mask), scores, torch.zeros_like(scores)).clamp(0.0, 1.0)
-    q = scores.pow(1.0 - gamma) * torch.from_numpy(iou).pow(gamma)
+    q = scores.pow(1.0 - gamma) * torch.from_numpy(best).pow(gamma)
     q = torch.where(torch.from_numpy(mask), q, torch.zeros_like(q))
     return q.to(device=teacher_scores.device, dtype=teacher_scores.dtype)
 
@@ -99,6 +115,7 @@ def response_loss(
     student_probs: Tensor,
     gamma: float = 0.5,
     valid: Tensor | None = None,
+    iou: Tensor | None = None,
 ) -> Tensor:
     """RD loss: the student's prediction at each teacher box should match it, weighted by the box's quality.
 
@@ -106,7 +123,8 @@ def response_loss(
     probabilities in [0, 1]; teacher_scores: (B, M); gt_boxes: B tensors of shape (G_i, 9);
     student_boxes: (B, M, 9) the student's decoded boxes read at each teacher box's centre cell (the
     caller does the reading, which is the matching π); student_probs: (B, M, C) the student's class
-    probabilities read there; valid: (B, M) bool, None = all valid. Sizes must be positive where q > 0.
+    probabilities read there; valid: (B, M) bool, None = all valid; iou: precomputed `best_gt_iou` (B, M), see
+    `quality_weights`. Sizes must be positive where q > 0.
 
     With q from `quality_weights` (q_i = c_i^(1−γ) · IoU_i^γ), enc = `pipelines.boxes.encode_boxes`
     (x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy), p = teacher and s = student probabilities
@@ -130,7 +148,7 @@ def response_loss(
         raise ValueError(f"student_probs must match teacher_probs {tuple(teacher_probs.shape)}; got "
                          f"{tuple(student_probs.shape)}")
     teacher_boxes, teacher_probs = teacher_boxes.detach(), teacher_probs.detach()
-    q = quality_weights(teacher_boxes, teacher_scores.detach(), gt_boxes, gamma=gamma, valid=valid)
+    q = quality_weights(teacher_boxes, teacher_scores.detach(), gt_boxes, gamma=gamma, valid=valid, iou=iou)
     q = q.to(device=student_boxes.device, dtype=student_boxes.dtype)
     used = q > 0
     safe = torch.tensor(_SAFE_BOX, dtype=student_boxes.dtype, device=student_boxes.device)

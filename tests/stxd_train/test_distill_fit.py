@@ -169,6 +169,11 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
     assert torch.equal(live["past_valid"], batch.cache["past_valid"]) and torch.equal(live["count"],
                                                                                        batch.cache["count"])
     assert set(cached) == {"loss_cd", "loss_td", "loss_rd", "loss_mse"}
+    # The loader's per-sample IoU gives the same qualities as computing them in the step.
+    from stxd_train.distill import quality_weights
+
+    args = (batch.cache["boxes"], batch.cache["scores"], batch.gt_boxes)
+    assert torch.allclose(quality_weights(*args, iou=batch.cache["iou"]), quality_weights(*args), atol=1e-6)
     for name, value in cached.items():
         assert float(recomputed[name]) == pytest.approx(float(value), rel=rtol), name
 
