@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from pipelines.cli_support import StxdGroup, debug_option
@@ -13,15 +15,31 @@ def main() -> None:
     """Training for stxd: the LiDAR teacher (stage one's model) and the camera students (stage two)."""
 
 
+def _run_options(example: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options of every training command: config, data, run folder, overrides, resume, device."""
+    options = [
+        click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                     help=f"Run YAML, e.g. {example}."),
+        click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root."),
+        click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config field (a.b=c)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu or cuda[:i] (under torchrun, each rank's own device)."),
+    ]
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Teacher run YAML, e.g. configs/teacher/centerpoint_synth.yaml.")
-@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
-@click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+@_run_options("configs/teacher/centerpoint_synth.yaml")
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True,
               help="Score the trained teacher on the val split with DetectionEval.")
 def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: tuple[str, ...], resume: bool,
@@ -38,19 +56,12 @@ def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: 
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Student run YAML, e.g. configs/student/bevformer_synth.yaml.")
-@click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root.")
-@click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@_run_options("configs/student/bevformer_synth.yaml")
 @click.option("--cache", type=click.Path(), help="Teacher cache (stxd-cache extract) to join with every sample.")
 @click.option("--teacher-online", type=click.Path(dir_okay=False),
               help="Teacher checkpoint run at every step instead of a cache (the peers' way; for comparison).")
 @click.option("--cache-config", type=click.Path(dir_okay=False),
               help="With --teacher-online: the cache layout to imitate, e.g. configs/cache/synth.yaml.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (torchrun: per rank).")
 @click.option("--eval/--no-eval", "run_eval", default=False, show_default=True,
               help="Score the trained student on the val split with DetectionEval.")
 def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | None, teacher_online: str | None,

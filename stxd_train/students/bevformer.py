@@ -233,7 +233,7 @@ class BEVFormer(CameraStudent):
     def encode_bev(self, images: torch.Tensor, lidar2img: torch.Tensor, prev2cur: torch.Tensor,
                    frame_valid: torch.Tensor) -> torch.Tensor:
         frames = min(self.queue, images.shape[1] - 1)
-        prev, prev_valid = None, frame_valid[:, 0] & False
+        prev, prev_valid = None, torch.zeros_like(frame_valid[:, 0])
         if frames and bool(frame_valid[:, 1:frames + 1].any()):
             was_training = self.training
             self.train(False)
