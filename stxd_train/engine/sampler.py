@@ -34,6 +34,8 @@ class StatefulBatchSampler(Protocol):
 
     def set_epoch(self, epoch: int) -> None: ...
 
+    def limit(self, batches: int | None) -> None: ...
+
     def advance(self, batches: int = 1) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -82,6 +84,8 @@ class ResumableSampler(Sampler[list[int]]):
         self.epoch = 0
         self.consumed_samples = 0
         """Samples of the current epoch's global order that the loop has trained on."""
+        self.max_batches: int | None = None
+        """If set, an iteration stops after this many batches (see `limit`)."""
 
     @property
     def global_batch(self) -> int:
@@ -115,7 +119,16 @@ class ResumableSampler(Sampler[list[int]]):
         starts = range(self.consumed_samples, len(order), self.global_batch)
         offset = self.epoch * self.length if self.tag_epoch else 0
         batches = [(order[s:s + self.global_batch][self.rank::self.world_size] + offset).tolist() for s in starts]
-        return iter(batches)
+        return iter(batches[:self.max_batches])
+
+    def limit(self, batches: int | None) -> None:
+        """Stop the next iterations after `batches` batches (None: the whole epoch).
+
+        The loop limits the sampler to the steps it has left, so that the last epoch's DataLoader ends by
+        itself: its workers are idle when they are shut down. Dropping an iterator whose workers are still
+        sending prefetched batches can abort them mid-send (a torch race at interpreter exit).
+        """
+        self.max_batches = batches
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning; the current epoch keeps its progress (for a resumed loop)."""

@@ -198,6 +198,8 @@ class Trainer:
                 sampler.set_epoch(self.epoch)
         # Creating the iterator draws the workers' base seed from the global generator (unless the loader
         # has its own): forking keeps the training RNG stream the same whether or not a run was resumed.
+        if self.batch_sampler is not None:
+            self.batch_sampler.limit(self.max_steps - self.step)
         with torch.random.fork_rng(devices=[]):
             iterator = iter(self.data)
             for _ in range(self._skip_batches):

@@ -122,8 +122,10 @@ def test_spawn_workers_give_the_same_batches(train_index, cache: Path) -> None:
     """The dataset (with its cache) pickles into spawned workers and yields what the main process yields."""
     aug = CameraAugmentConfig(scale=(0.9, 1.1), brightness=0.2)
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, queue=1, augment=aug, cache_path=str(cache))
-    loader = DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate, multiprocessing_context="spawn")
-    batch = next(iter(loader))
+    # One whole batch, read to its end: the worker is idle, not mid-send, when it is shut down.
+    loader = DataLoader(dataset, batch_size=2, sampler=[0, 1], num_workers=1, collate_fn=collate,
+                        multiprocessing_context="spawn")
+    (batch,) = list(loader)
     local = collate([dataset[0], dataset[1]])
     assert batch.tokens == local.tokens
     assert torch.equal(batch.images, local.images) and torch.equal(batch.lidar2img, local.lidar2img)

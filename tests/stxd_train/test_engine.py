@@ -274,6 +274,10 @@ def test_sampler_partitions_and_resumes_across_world_sizes() -> None:
     padded = ResumableSampler(5, batch_size=2, shuffle=False, seed=0, rank=1, world_size=2)
     assert list(padded) == [[1, 3], [0]]  # 5 samples padded to 6 by repeating sample 0
     assert list(ResumableSampler(5, batch_size=2, shuffle=False, seed=0, drop_last=True)) == [[0, 1], [2, 3]]
+    padded.limit(1)  # the loop's last steps: the loader ends with them
+    assert list(padded) == [[1, 3]] and len(padded) == 2
+    padded.limit(None)
+    assert list(padded) == [[1, 3], [0]]
 
 
 def test_to_device_nested() -> None:
