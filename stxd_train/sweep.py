@@ -77,6 +77,16 @@ def plan(cfg: SweepConfig, out: Path) -> list[RunSpec]:
     return runs
 
 
+def run_order(runs: list[RunSpec]) -> list[RunSpec]:
+    """Seed-major: every variant's first seed, then every variant's second, so that a partial sweep already
+    compares all variants."""
+    seen: dict[str, int] = {}
+    rank = {}
+    for spec in runs:
+        rank[spec.out] = seen[spec.variant] = seen.get(spec.variant, -1) + 1
+    return sorted(runs, key=lambda spec: rank[spec.out])
+
+
 def _stxd_train() -> list[str]:
     return [sys.executable, "-m", "stxd_train.cli"]
 
@@ -123,12 +133,11 @@ def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
                                                                  disable=not progress) as bar:
-        futures = [pool.submit(_run_one, spec, dataroot=dataroot, version=version, cache=cache, threads=threads,
-                               device=device) for spec in runs]
-        rows = []
-        for future in futures:
-            rows.append(future.result())
-            bar.update(1)
+        futures = {spec.out: pool.submit(_run_one, spec, dataroot=dataroot, version=version, cache=cache,
+                                         threads=threads, device=device) for spec in run_order(runs)}
+        for future in futures.values():
+            future.add_done_callback(lambda _: bar.update(1))
+        rows = [futures[spec.out].result() for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rows": rows, "variants": _aggregate(rows), "parallel": parallel,
                "wall_seconds": time.perf_counter() - start}
