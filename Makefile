@@ -33,8 +33,10 @@ demo: venv
 	$(BIN)/stxd-cache extract --dataroot $(DEMO_OUT)/data --version v1.0-synth --splits synth_train,synth_val \
 		--teacher $(DEMO_OUT)/teacher/teacher.pt --config configs/cache/synth.yaml --out $(DEMO_OUT)/cache.zarr
 	$(BIN)/stxd-cache verify $(DEMO_OUT)/cache.zarr --dataroot $(DEMO_OUT)/data
-	$(MAKE) $(DEMO_OUT)/bevformer/student.pt
+	$(MAKE) $(DEMO_OUT)/bevformer/student.pt $(DEMO_OUT)/bevformer_stxd/student.pt
 	$(BIN)/stxd-train eval --run $(DEMO_OUT)/bevformer
+	$(BIN)/stxd-train eval --run $(DEMO_OUT)/bevformer_stxd
+	$(BIN)/stxd-train compare --run $(DEMO_OUT)/bevformer --run $(DEMO_OUT)/bevformer_stxd
 
 # The demo teacher trains once (about 15 minutes on 2 cores); delete the folder to train it again.
 $(DEMO_OUT)/teacher/teacher.pt:
@@ -42,11 +44,18 @@ $(DEMO_OUT)/teacher/teacher.pt:
 	$(BIN)/stxd-train teacher --config configs/teacher/centerpoint_synth.yaml --dataroot $(DEMO_OUT)/data \
 		--version v1.0-synth --out $(DEMO_OUT)/teacher --no-eval
 
-# The demo student trains once against the demo cache (about 17 minutes on 2 cores).
+# The demo students train once each against the demo cache (about 20 minutes each on 2 cores): the plain
+# student, and the same student distilled with CD + TD + RD.
 $(DEMO_OUT)/bevformer/student.pt:
 	rm -rf $(DEMO_OUT)/bevformer
 	$(BIN)/stxd-train fit --config configs/student/bevformer_synth.yaml --dataroot $(DEMO_OUT)/data \
 		--version v1.0-synth --cache $(DEMO_OUT)/cache.zarr --out $(DEMO_OUT)/bevformer
+
+$(DEMO_OUT)/bevformer_stxd/student.pt:
+	rm -rf $(DEMO_OUT)/bevformer_stxd
+	$(BIN)/stxd-train fit --config configs/student/bevformer_synth.yaml --dataroot $(DEMO_OUT)/data \
+		--version v1.0-synth --cache $(DEMO_OUT)/cache.zarr --out $(DEMO_OUT)/bevformer_stxd \
+		--set "distill.terms=[cd,td,rd]"
 
 smoke: venv
 	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data --reuse

@@ -130,7 +130,17 @@ def sweep(cache: str, grid_path: str, out: str, dataroot: str | None, version: s
         raise ConfigError(f"{grid_path} names no dataroot/version; pass --dataroot and --version")
     rows = run_sweep(cfg, cache=cache, dataroot=dataroot, version=version, out=out, parallel=parallel,
                      device=device)
-    click.echo(results_markdown(rows))
+    click.echo(results_markdown(rows, early_steps=cfg.early_steps))
+
+
+@main.command()
+@click.option("--run", "runs", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Evaluated run folder (repeatable): one column each.")
+def compare(runs: tuple[str, ...]) -> None:
+    """Evaluated runs side by side: NDS, mAP, the TP errors and AP per class."""
+    from stxd_train.sweep import compare_markdown
+
+    click.echo(compare_markdown(list(runs)))
 
 
 @main.command()

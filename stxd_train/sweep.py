@@ -2,9 +2,12 @@
 
 A grid file (configs/sweeps/*.yaml) names a base student config, the seeds, overrides shared by every run, and
 the variants, each a list of `--set` overrides (and optionally its own config and seeds). Every (variant, seed)
-is one `stxd-train fit` process writing `OUT/<variant>/seed<S>/`, followed by `stxd-train eval`; `--parallel N`
-runs N at once, all reading the same cache, each with `cores / N` torch threads. A run that already has its
-`metrics.json` is not trained again, so an interrupted sweep is continued by running it again.
+is one `stxd-train fit` process writing `OUT/<variant>/seed<S>/`, followed by `stxd-train eval` (unless the
+grid says `evaluate: false`); `--parallel N` runs N at once, all reading the same cache, each with `cores / N`
+torch threads. A finished run is not trained again, so an interrupted sweep is continued by running it again.
+
+Besides NDS, mAP and the step time, the table gives each loss term's mean over the first `early_steps`
+steps: the sizes that distillation weights are chosen by (configs/sweeps/weights_synth.yaml).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class SweepConfig:
     variants: tuple[Variant, ...] = field(metadata={"help": "the rows of the table"})
     dataroot: str | None = field(default=None, metadata={"help": "dataset root (--dataroot overrides it)"})
     version: str | None = field(default=None, metadata={"help": "table folder (--version overrides it)"})
+    evaluate: bool = field(default=True, metadata={"help": "score each run on the val split (false: fit only)"})
+    early_steps: int = field(default=10, metadata={"help": "steps over which the loss terms are averaged"})
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -55,6 +60,7 @@ class SweepConfig:
             (len(self.variants) >= 1, "variants", names, "at least one variant"),
             (len(set(names)) == len(names), "variants", names, "distinct names"),
             (len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed"),
+            (self.early_steps >= 1, "early_steps", self.early_steps, "at least 1"),
         ])
 
 
@@ -91,30 +97,34 @@ def _stxd_train() -> list[str]:
     return [sys.executable, "-m", "stxd_train.cli"]
 
 
-def _run_one(spec: RunSpec, *, dataroot: str, version: str, cache: str, threads: int, device: str) -> dict[str, Any]:
-    """Fit and evaluate one run (skipped when it already has metrics); returns its table row."""
+def _run_one(spec: RunSpec, *, dataroot: str, version: str, cache: str, threads: int, device: str, evaluate: bool,
+             early_steps: int) -> dict[str, Any]:
+    """Fit and evaluate one run (skipped when it is already done); returns its table row."""
     metrics_path = spec.out / "metrics.json"
-    if not metrics_path.is_file():
+    if not (metrics_path if evaluate else spec.out / "student.pt").is_file():
         spec.out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         resume = ["--resume"] if (spec.out / "checkpoints" / "last.pt").is_file() else []
         fit = [*_stxd_train(), "fit", "--config", spec.config, "--dataroot", dataroot, "--version", version,
                "--cache", cache, "--out", str(spec.out), "--device", device, *resume,
                *(a for o in spec.overrides for a in ("--set", o))]
-        evaluate = [*_stxd_train(), "eval", "--run", str(spec.out), "--device", device]
+        score = [*_stxd_train(), "eval", "--run", str(spec.out), "--device", device]
         with open(spec.out / "sweep.log", "a") as log:
-            for cmd in (fit, evaluate):
+            for cmd in (fit, score) if evaluate else (fit,):
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
                 done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 if done.returncode != 0:
                     raise StxdError(f"sweep run {spec.variant} seed {spec.seed} failed (exit {done.returncode}); "
                                     f"see {spec.out / 'sweep.log'}")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(metrics_path.read_text()) if evaluate else {}
     steps = [json.loads(line) for line in (spec.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step_time = statistics.median(s["step_time"] for s in steps) if steps else float("nan")
-    return {"variant": spec.variant, "seed": spec.seed, "NDS": metrics["NDS"], "mAP": metrics["mAP"],
-            "step_time": step_time, "train_seconds": metrics.get("train_seconds"), "run": str(spec.out)}
+    early = [s["terms"] for s in steps if s["step"] <= early_steps] or [s["terms"] for s in steps[:1]]
+    terms = {name: statistics.fmean(t[name] for t in early) for name in early[0]} if early else {}
+    return {"variant": spec.variant, "seed": spec.seed, "NDS": metrics.get("NDS"), "mAP": metrics.get("mAP"),
+            "step_time": step_time, "train_seconds": metrics.get("train_seconds"), "early_terms": terms,
+            "run": str(spec.out)}
 
 
 def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out: str | Path, parallel: int = 1,
@@ -134,7 +144,8 @@ def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out:
     with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
                                                                  disable=not progress) as bar:
         futures = {spec.out: pool.submit(_run_one, spec, dataroot=dataroot, version=version, cache=cache,
-                                         threads=threads, device=device) for spec in run_order(runs)}
+                                         threads=threads, device=device, evaluate=cfg.evaluate,
+                                         early_steps=cfg.early_steps) for spec in run_order(runs)}
         for future in futures.values():
             future.add_done_callback(lambda _: bar.update(1))
         rows = [futures[spec.out].result() for spec in runs]
@@ -142,7 +153,7 @@ def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out:
     summary = {"rows": rows, "variants": _aggregate(rows), "parallel": parallel,
                "wall_seconds": time.perf_counter() - start}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(results_markdown(rows))
+    (out / "results.md").write_text(results_markdown(rows, early_steps=cfg.early_steps))
     return rows
 
 
@@ -154,20 +165,61 @@ def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name, group in groups.items():
         entry: dict[str, Any] = {"variant": name, "seeds": len(group)}
         for key in ("NDS", "mAP", "step_time"):
-            values = [r[key] for r in group]
-            entry[key] = statistics.fmean(values)
+            values = [r[key] for r in group if r[key] is not None]
+            entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)
     return out
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """Per-run rows, then the mean ± standard deviation over seeds of each variant."""
+def _num(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> str:
+    """Per-run rows, the mean ± standard deviation over seeds of each variant, and the early loss terms."""
     lines = ["| variant | seed | NDS | mAP | step time (s) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['seed']} | {r['NDS']:.4f} | {r['mAP']:.4f} | {r['step_time']:.3f} |"
+    lines += [f"| {r['variant']} | {r['seed']} | {_num(r['NDS'])} | {_num(r['mAP'])} | {r['step_time']:.3f} |"
               for r in rows]
     lines += ["", "| variant | seeds | NDS (mean ± std) | mAP (mean ± std) | step time (s) |",
               "|---|---:|---:|---:|---:|"]
-    lines += [f"| {a['variant']} | {a['seeds']} | {a['NDS']:.4f} ± {a['NDS_std']:.4f} | "
-              f"{a['mAP']:.4f} ± {a['mAP_std']:.4f} | {a['step_time']:.3f} |" for a in _aggregate(rows)]
+    lines += [f"| {a['variant']} | {a['seeds']} | {_num(a['NDS'])} ± {a['NDS_std']:.4f} | "
+              f"{_num(a['mAP'])} ± {a['mAP_std']:.4f} | {a['step_time']:.3f} |" for a in _aggregate(rows)]
+    names = list(dict.fromkeys(n for r in rows for n in r.get("early_terms", {})))
+    if names:
+        short = [n.removeprefix("loss_") for n in names]
+        lines += ["", f"Loss terms as trained (weighted), mean over steps 1-{early_steps}:", "",
+                  f"| variant | seed | {' | '.join(short)} |", "|---|---:|" + "---:|" * len(names)]
+        lines += [f"| {r['variant']} | {r['seed']} | "
+                  + " | ".join(_num(r["early_terms"].get(n), 3) for n in names) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(runs: list[str | Path]) -> str:
+    """Evaluated runs side by side (`stxd-train compare`): headline metrics, then AP per class.
+
+    Each column is a run folder holding `metrics.json` (from `stxd-train eval`) and `config.yaml`.
+    """
+    from pipelines.config import read_yaml
+
+    columns = []
+    for run in map(Path, runs):
+        path = run / "metrics.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: score the run first (stxd-train eval --run {run})")
+        metrics = json.loads(path.read_text())
+        distill = read_yaml(run / "config.yaml").get("distill") or {}
+        terms = "+".join(t.upper() for t in distill.get("terms", [])) or "none"
+        columns.append((f"{run} (distill: {terms})", metrics))
+    splits = {m["split"] for _, m in columns}
+    if len(splits) > 1:
+        raise ConfigError(f"the runs were scored on different splits {sorted(splits)}; compare runs of one split")
+    lines = [f"| {splits.pop()} | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for key in ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE"):
+        lines.append(f"| {key} | " + " | ".join(f"{m[key]:.4f}" for _, m in columns) + " |")
+    classes = list(dict.fromkeys(c for _, m in columns for c in m.get("per_class_AP", {})))
+    for name in classes:
+        lines.append(f"| AP {name} | " + " | ".join(_num(m.get("per_class_AP", {}).get(name), 3)
+                                                    for _, m in columns) + " |")
     return "\n".join(lines) + "\n"

@@ -112,7 +112,9 @@ def test_sweep_of_two_variants_in_parallel_reads_one_cache(tmp_path: Path, synth
     import yaml
 
     from pipelines.config import load_config
-    from stxd_train.sweep import SweepConfig, run_sweep
+    from pipelines.nuscenes import SampleIndex
+    from stxd_train.diagnose import diagnose
+    from stxd_train.sweep import SweepConfig, compare_markdown, run_sweep
 
     raw = tiny_student("bevformer")
     raw["train"]["max_steps"] = 2
@@ -134,11 +136,42 @@ def test_sweep_of_two_variants_in_parallel_reads_one_cache(tmp_path: Path, synth
     assert saved["distill"]["terms"] == ["cd", "td", "rd"] and saved["cache"] == str(cache)
     stxd_terms = json.loads((tmp_path / "sweep" / "stxd" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_cd", "loss_td", "loss_rd"} <= set(stxd_terms["terms"])
+    # The early loss terms are the logged ones (steps 1-2 here), per run.
+    logged = [json.loads(line)["terms"] for line in
+              (tmp_path / "sweep" / "stxd" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["early_terms"]["loss_cd"] == pytest.approx((logged[0]["loss_cd"] + logged[1]["loss_cd"]) / 2)
+    assert set(rows[0]["early_terms"]) == {"loss_heatmap", "loss_bbox"}
+    assert "| stxd | 0 | " in table.split("Loss terms")[1]
     # Read-only: the cache's files are untouched; a second call reuses the finished runs.
     assert sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()) == before
     again = run_sweep(load_config(SweepConfig, grid), cache=str(cache), dataroot=str(synth_root),
                       version="v1.0-synth", out=tmp_path / "sweep", parallel=2, progress=False)
     assert again == rows
+    fit_only = run_sweep(load_config(SweepConfig, grid, ["evaluate=false"]), cache=str(cache),
+                         dataroot=str(synth_root), version="v1.0-synth", out=tmp_path / "sweep", progress=False)
+    assert [r["NDS"] for r in fit_only] == [None, None]
+    assert "| baseline | 0 | – | – |" in (tmp_path / "sweep" / "results.md").read_text()
+
+    # The two runs side by side, and the d_eff of the teacher and of the distilled student's adapted BEV.
+    runs = [tmp_path / "sweep" / "baseline" / "seed0", tmp_path / "sweep" / "stxd" / "seed0"]
+    side = compare_markdown(runs).splitlines()
+    assert side[0].endswith("seed0 (distill: none) | " + f"{runs[1]} (distill: CD+TD+RD) |")
+    assert side[2] == f"| NDS | {rows[0]['NDS']:.4f} | {rows[1]['NDS']:.4f} |"
+    table = diagnose(cache, runs=runs[1:], split="synth_val", device="cpu")
+    channels = open_cache(cache).meta.channels
+    assert [r["channels"] for r in table] == [channels, channels]
+    assert all(1.0 <= r["d_eff"] <= channels for r in table)
+    assert table[1]["rows"] == len(SampleIndex.load(synth_root, "v1.0-synth", ["synth_val"])) * 8 * 8
+
+
+def test_sweep_runs_seed_major() -> None:
+    from stxd_train.sweep import SweepConfig, Variant, plan, run_order
+
+    cfg = SweepConfig(config="s.yaml", seeds=(0, 1), variants=(Variant(name="a"), Variant(name="b", seeds=(5,))))
+    runs = plan(cfg, Path("out"))
+    assert [(r.variant, r.seed) for r in runs] == [("a", 0), ("a", 1), ("b", 5)]
+    assert [(r.variant, r.seed) for r in run_order(runs)] == [("a", 0), ("b", 5), ("a", 1)]
+    assert runs[2].overrides == ("train.seed=5",) and runs[2].out == Path("out/b/seed5")
 
 
 @pytest.mark.parametrize(("precision", "rtol"), [("fp16", 2e-3), ("int8", 2e-2)])
