@@ -1,18 +1,23 @@
 """Training-step time of a student alone, distilled from the cache, and distilled from an online teacher,
-measured in one process on the same batches.
+measured in one process on the same batches, with the modes interleaved.
 
     .venv/bin/python benchmarks/step_time.py --dataroot out/demo/data --version v1.0-synth \
         --cache out/demo/cache.zarr --teacher out/demo/teacher/teacher.pt \
-        --config configs/student/bevformer_synth.yaml --steps 20
+        --config configs/student/bevformer_synth.yaml --rounds 5 --steps 4
 
-Every mode runs the same `--steps` batches (after 3 warm-up steps) through forward, backward and an AdamW
-step, with data loading included (batches are loaded in the loop, as one DataLoader worker would). Prints
-seconds per step and the ratios cached / student-only and online / cached.
+Each mode's batches are loaded first (timed per batch: images, plus the cache record or the LiDAR frames),
+then the timed steps (forward, backward, AdamW) run in rounds, A B C A B C ..., `--steps` consecutive
+batches per mode per round, after one warm-up round. The online mode runs the teacher on the current and
+the K past frames inside the step, as the peers do. Prints the median seconds per step and per batch load,
+and the ratios cached / student-only and online / cached of the step medians.
 """
+
 
 from __future__ import annotations
 
+import os
 import platform
+import statistics
 import time
 
 import click
@@ -26,10 +31,11 @@ import click
 @click.option("--config", "config_path", default="configs/student/bevformer_synth.yaml", show_default=True)
 @click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True)
 @click.option("--terms", default="cd,td,rd", show_default=True)
-@click.option("--steps", default=20, show_default=True)
-@click.option("--warmup", default=3, show_default=True)
+@click.option("--k", type=int, default=None, help="Past frames of TD and of the online teacher (default: config).")
+@click.option("--rounds", default=5, show_default=True, help="Timed rounds (each runs every mode).")
+@click.option("--steps", default=4, show_default=True, help="Steps per mode per round.")
 def main(dataroot: str, version: str, cache_path: str, teacher_path: str, config_path: str, cache_config: str,
-         terms: str, steps: int, warmup: int) -> None:
+         terms: str, k: int | None, rounds: int, steps: int) -> None:
     import torch
 
     from pipelines.config import load_config
@@ -41,7 +47,8 @@ def main(dataroot: str, version: str, cache_path: str, teacher_path: str, config
     from stxd_train.fit import StudentLoss, StudentRunConfig, build_online_teacher
     from stxd_train.students.registry import build_student
 
-    cfg = load_config(StudentRunConfig, config_path, [f"distill.terms=[{terms}]"])
+    overrides = [f"distill.terms=[{terms}]"] + ([f"distill.k={k}"] if k is not None else [])
+    cfg = load_config(StudentRunConfig, config_path, overrides)
     layout = load_config(ExtractConfig, cache_config)
     meta = open_cache(cache_path).meta
     device = torch.device("cpu")
@@ -50,43 +57,49 @@ def main(dataroot: str, version: str, cache_path: str, teacher_path: str, config
                              max_sweeps=10)
     online = build_online_teacher(teacher_path, layout, k, device)
     b = cfg.data.batch_size
-    keys = [list(range(i * b, (i + 1) * b)) for i in range(warmup + steps)]
-
-    def run(mode: str) -> float:
+    total = (rounds + 1) * steps
+    modes = ("student", "cached", "online")
+    models, batches, loads = {}, {}, {}
+    for mode in modes:
         torch.manual_seed(0)
         student = build_student(cfg.model)
         if mode == "student":
-            model = StudentLoss(student)
-            dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid,
-                                    queue=cfg.model.queue)
+            models[mode] = StudentLoss(student)
         else:
-            model = Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid, teacher_channels=meta.channels,
-                              token_grid=meta.token_grid, k_max=meta.k_max,
-                              online=online if mode == "online" else None)
-            dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                                    cache_path=cache_path if mode == "cached" else None,
-                                    lidar=online.frames if mode == "online" else None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        start = 0.0
-        for i, batch_keys in enumerate(keys):
-            if i == warmup:
-                start = time.perf_counter()
-            batch = collate([dataset[j] for j in batch_keys])
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return (time.perf_counter() - start) / steps
+            models[mode] = Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid,
+                                     teacher_channels=meta.channels, token_grid=meta.token_grid, k_max=meta.k_max,
+                                     online=online if mode == "online" else None)
+        dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
+                                cache_path=cache_path if mode == "cached" else None,
+                                lidar=online.frames if mode == "online" else None)
+        batches[mode], loads[mode] = [], []
+        for i in range(total):
+            t0 = time.perf_counter()
+            batches[mode].append(collate([dataset[(i * b + j) % len(dataset)] for j in range(b)]))
+            loads[mode].append(time.perf_counter() - t0)
+    optimizers = {mode: torch.optim.AdamW(models[mode].parameters(), lr=1e-4) for mode in modes}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(rounds + 1):
+        for mode in modes:
+            for batch in batches[mode][r * steps:(r + 1) * steps]:
+                t0 = time.perf_counter()
+                loss = sum(models[mode](batch).values())
+                optimizers[mode].zero_grad()
+                loss.backward()
+                optimizers[mode].step()
+                if r > 0:
+                    times[mode].append(time.perf_counter() - t0)
 
-    times = {mode: run(mode) for mode in ("student", "cached", "online")}
-    click.echo(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-               f"{cfg.model.name}, batch {b}, terms {terms}, {steps} steps after {warmup} warm-up")
-    click.echo("| mode | s/step |")
-    click.echo("|---|---:|")
-    for mode, t in times.items():
-        click.echo(f"| {mode} | {t:.3f} |")
-    click.echo(f"cached / student-only: {times['cached'] / times['student']:.3f}")
-    click.echo(f"online / cached: {times['online'] / times['cached']:.3f}")
+    step = {mode: statistics.median(t) for mode, t in times.items()}
+    click.echo(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, cpu; {cfg.model.name}, "
+               f"batch {b}, terms {terms}, K={k}; {rounds} rounds x {steps} steps per mode after a warm-up round")
+    click.echo("| mode | step (s, median) | batch load (s, median) |")
+    click.echo("|---|---:|---:|")
+    for mode in modes:
+        click.echo(f"| {mode} | {step[mode]:.3f} | {statistics.median(loads[mode]):.3f} |")
+    click.echo(f"cached / student-only: {step['cached'] / step['student']:.3f}")
+    click.echo(f"online / cached: {step['online'] / step['cached']:.3f}")
 
 
 if __name__ == "__main__":
