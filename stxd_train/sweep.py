@@ -176,6 +176,10 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _mean_std(entry: dict[str, Any], key: str) -> str:
+    return "–" if entry[key] is None else f"{entry[key]:.4f} ± {entry[f'{key}_std']:.4f}"
+
+
 def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> str:
     """Per-run rows, the mean ± standard deviation over seeds of each variant, and the early loss terms."""
     lines = ["| variant | seed | NDS | mAP | step time (s) |", "|---|---:|---:|---:|---:|"]
@@ -183,8 +187,8 @@ def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> st
               for r in rows]
     lines += ["", "| variant | seeds | NDS (mean ± std) | mAP (mean ± std) | step time (s) |",
               "|---|---:|---:|---:|---:|"]
-    lines += [f"| {a['variant']} | {a['seeds']} | {_num(a['NDS'])} ± {a['NDS_std']:.4f} | "
-              f"{_num(a['mAP'])} ± {a['mAP_std']:.4f} | {a['step_time']:.3f} |" for a in _aggregate(rows)]
+    lines += [f"| {a['variant']} | {a['seeds']} | {_mean_std(a, 'NDS')} | {_mean_std(a, 'mAP')} | "
+              f"{a['step_time']:.3f} |" for a in _aggregate(rows)]
     names = list(dict.fromkeys(n for r in rows for n in r.get("early_terms", {})))
     if names:
         short = [n.removeprefix("loss_") for n in names]
