@@ -68,6 +68,6 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
         x = _subsample(rows, max_rows, seed)
         terms = ",".join(cfg.distill.terms) or "none"
         kind = "adapted BEV" if student.adapter is not None else "BEV"
-        table.append({"features": f"{Path(run).name} ({cfg.model.name}, distill: {terms}, {kind})",
+        table.append({"features": f"{run} ({cfg.model.name}, distill: {terms}, {kind})",
                       "channels": x.shape[1], "rows": x.shape[0], "d_eff": effective_dimension(x)})
     return table
