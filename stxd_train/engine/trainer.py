@@ -196,10 +196,10 @@ class Trainer:
         for sampler in {id(s): s for s in (self.data.sampler, self.data.batch_sampler)}.values():
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
-        # Creating the iterator draws the workers' base seed from the global generator (unless the loader
-        # has its own): forking keeps the training RNG stream the same whether or not a run was resumed.
         if self.batch_sampler is not None:
             self.batch_sampler.limit(self.max_steps - self.step)
+        # Creating the iterator draws the workers' base seed from the global generator (unless the loader
+        # has its own): forking keeps the training RNG stream the same whether or not a run was resumed.
         with torch.random.fork_rng(devices=[]):
             iterator = iter(self.data)
             for _ in range(self._skip_batches):
