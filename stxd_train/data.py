@@ -82,7 +82,7 @@ class CameraSample:
     """The teacher's cached record of this sample, when the dataset has a cache."""
     cache_iou: torch.Tensor | None = None
     """(M,) each cached teacher box's best BEV IoU with `gt_boxes` (RD's quality), computed here, in the loader
-    worker, rather than in the training step; None without a cache."""
+    worker, rather than in the training step; None without a cache or when RD is off."""
     points: tuple[torch.Tensor | None, ...] | None = None
     """LiDAR points (N, 5) of the keyframe and its previous keyframes (None where missing), each in its own
     LiDAR frame, for an online teacher; None otherwise."""
@@ -101,7 +101,8 @@ class CameraBatch:
     gt_labels: list[torch.Tensor]
     cache: dict[str, torch.Tensor] | None = None
     """Stacked cache fields (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`, `scores`, `labels`,
-    `probs`, `count`) and the boxes' best GT IoU `iou`, each with a leading batch axis; None without a cache."""
+    `probs`, `count`) and, for RD, the boxes' best GT IoU `iou`, each with a leading batch axis; None without a
+    cache."""
     points: list[tuple[torch.Tensor | None, ...]] | None = None
     """Per sample, the online teacher's LiDAR frames (see `CameraSample.points`); None without one."""
 
@@ -115,7 +116,7 @@ class CameraDataset(Dataset[CameraSample]):
 
     def __init__(self, index: SampleIndex, *, image_size: tuple[int, int], grid: BEVGrid, queue: int = 0,
                  augment: CameraAugmentConfig | None = None, seed: int = 0, min_points: int = 1,
-                 cache_path: str | None = None, lidar: LidarFrames | None = None) -> None:
+                 cache_path: str | None = None, gt_iou: bool = True, lidar: LidarFrames | None = None) -> None:
         """
         Args:
             index: the samples; built with `k_prev >= queue`.
@@ -126,6 +127,7 @@ class CameraDataset(Dataset[CameraSample]):
             seed: augmentation seed.
             min_points: GT boxes with fewer LiDAR points are not targets.
             cache_path: a complete teacher cache that holds every sample of `index`.
+            gt_iou: with a cache, compute each teacher box's best GT IoU (`cache_iou`, for RD) in the loader.
             lidar: LiDAR frames to load for an online teacher (the index needs `k_prev >= lidar.k`).
         """
         if queue < 0:
@@ -138,6 +140,7 @@ class CameraDataset(Dataset[CameraSample]):
         self.seed = seed
         self.min_points = min_points
         self.cache_path = cache_path
+        self.gt_iou = gt_iou
         self.lidar = lidar
         self.epoch = 0
         self._by_token = {s.token: s for s in index}
@@ -211,8 +214,9 @@ class CameraDataset(Dataset[CameraSample]):
         record, iou = None, None
         if self._cache_rows is not None:
             record = self.cache.read(int(self._cache_rows[i]))
-            iou = np.zeros(len(record.boxes), np.float32)
-            iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes)
+            if self.gt_iou:
+                iou = np.zeros(len(record.boxes), np.float32)
+                iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes)
         points = None
         if self.lidar is not None:
             from stxd_train.online import load_frames
@@ -289,7 +293,8 @@ def collate(samples: Sequence[CameraSample]) -> CameraBatch:
         records = [s.cache for s in samples]
         cache = {name: torch.from_numpy(np.stack([getattr(r, name) for r in records])) for name in _CACHE_FIELDS}
         cache["count"] = torch.tensor([r.count for r in records], dtype=torch.int64)
-        cache["iou"] = torch.stack([s.cache_iou for s in samples])
+        if samples[0].cache_iou is not None:
+            cache["iou"] = torch.stack([s.cache_iou for s in samples])
     return CameraBatch(
         tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
         lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),

@@ -149,9 +149,9 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         raise ConfigError("--cache and --teacher-online are two sources of the same teacher records; choose one")
     config = {"kind": "student", "dataroot": str(dataroot), "version": version,
               "cache": str(cache) if cache else None, **to_dict(cfg)}
+    layout = cache_config or ExtractConfig()
     if teacher_online is not None:
-        config["teacher_online"] = {"checkpoint": str(teacher_online), "layout": to_dict(cache_config or
-                                                                                         ExtractConfig())}
+        config["teacher_online"] = {"checkpoint": str(teacher_online), "layout": to_dict(layout)}
     if resume:
         check_run_config(out, config)
     distributed_device = init_from_env()
@@ -160,7 +160,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     reader = open_student_cache(cache, mc) if cache is not None else None
     online = None
     if teacher_online is not None and cfg.distill.enabled:
-        online = build_online_teacher(teacher_online, cache_config or ExtractConfig(), cfg.distill.k, dev)
+        online = build_online_teacher(teacher_online, layout, cfg.distill.k, dev)
     if cfg.distill.enabled and reader is None and online is None:
         raise ConfigError(f"distill.terms {list(cfg.distill.terms)} need the teacher cache: pass --cache CACHE.zarr "
                           "or --teacher-online CKPT (or set distill.terms to [] for a student without distillation)")
@@ -175,7 +175,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         join_cache(reader, index.tokens)
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
                             seed=tc.seed, min_points=dc.min_points, cache_path=records,
-                            lidar=None if online is None else online.frames)
+                            gt_iou="rd" in cfg.distill.terms, lidar=None if online is None else online.frames)
     dataset[0]   # an unreadable image of the first sample fails here, before any worker starts
     sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                rank=rank(), world_size=world_size(), tag_epoch=True)

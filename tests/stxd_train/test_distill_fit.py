@@ -207,6 +207,12 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
 
     args = (batch.cache["boxes"], batch.cache["scores"], batch.gt_boxes)
     assert torch.allclose(quality_weights(*args, iou=batch.cache["iou"]), quality_weights(*args), atol=1e-6)
+    # Without RD the loader skips the IoU, and RD-free terms are unchanged.
+    no_iou = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1, cache_path=str(cache),
+                           gt_iou=False)
+    plain = collate([no_iou[2], no_iou[3]])
+    assert no_iou[2].cache_iou is None and "iou" not in plain.cache
+    assert torch.equal(plain.cache["bev"], batch.cache["bev"])
     for name, value in cached.items():
         assert float(recomputed[name]) == pytest.approx(float(value), rel=rtol), name
 
