@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/smoke
 DEMO_OUT ?= out/demo
 
-.PHONY: venv test demo smoke lint clean
+.PHONY: venv test demo smoke bench lint clean
 
 venv: $(STAMP)
 
@@ -72,6 +72,12 @@ smoke: venv
 		--cache $(OUT)/cache.zarr --out $(OUT)/student --set train.max_steps=4 --set train.log_every=2 \
 		--set "distill.terms=[cd,td,rd]"
 	$(BIN)/stxd-train eval --run $(OUT)/student
+
+# The four benchmarks in their quick mode (about 10 minutes on 2 cores) → BENCHMARKS.md. Uses the demo teacher
+# and cache when `make demo` made them, else a teacher trained for 10 steps and its cache in out/bench.
+bench: venv
+	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse
+	$(BIN)/python benchmarks/run_all.py --quick --dataroot $(DEMO_OUT)/data --work out/bench --out BENCHMARKS.md
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,41 +1,50 @@
-"""Training-step time of a student alone, distilled from the cache, and distilled from an online teacher,
-measured in one process on the same batches, with the modes interleaved.
+"""Training-step time and peak memory of one student alone, distilled from the cache, and distilled from an
+online teacher.
 
     .venv/bin/python benchmarks/step_time.py --dataroot out/demo/data --version v1.0-synth \
         --cache out/demo/cache.zarr --teacher out/demo/teacher/teacher.pt \
-        --config configs/student/bevformer_synth.yaml --rounds 5 --steps 4
+        --config configs/student/bevformer_synth.yaml --k 3 --rounds 5 --steps 4
 
-Each mode's batches are loaded first (timed per batch: images, plus the cache record or the LiDAR frames),
-then the timed steps (forward, backward, AdamW) run in rounds, A B C A B C ..., `--steps` consecutive
-batches per mode per round, after one warm-up round. The online mode runs the teacher on the current and
-the K past frames inside the step, as the peers do. Prints the median seconds per step and per batch load,
-and the ratios cached / student-only and online / cached of the step medians.
+Times: one process builds the three modes with the same seed and loads their batches first (timed per
+batch: images, plus the cache record or the LiDAR frames). Then the timed steps (forward, backward, AdamW)
+run in rounds, student / cached / online, `--steps` consecutive batches per mode per round, after one
+untimed warm-up round. The online mode runs the teacher on the current and the K past frames inside the
+step, as BEVDistill, UVTR-L2C, DistillBEV and UniDistill do. The medians and the ratios cached / student
+and online / cached come from these interleaved rounds.
+
+Memory: on CPU, each mode runs alone in a fresh child process (`--only MODE`) for `--steps` steps; it
+reports the process's resident set before the first step (interpreter, model(s), loaded batches) and its
+peak during the steps (VmHWM, reset before the first step). On CUDA, the peak allocated GPU memory during each
+mode's steps is read in the timing process.
 """
-
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
+import json
+import subprocess
+import sys
 import time
+from typing import Any
 
 import click
+from common import (
+    interleaved,
+    machine,
+    median,
+    peak_rss_mib,
+    reset_peak_rss,
+    resolve_device,
+    rss_mib,
+    sync,
+    table,
+    write_json,
+)
+
+MODES = ("student", "cached", "online")
 
 
-@click.command()
-@click.option("--dataroot", required=True)
-@click.option("--version", required=True)
-@click.option("--cache", "cache_path", required=True)
-@click.option("--teacher", "teacher_path", required=True)
-@click.option("--config", "config_path", default="configs/student/bevformer_synth.yaml", show_default=True)
-@click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True)
-@click.option("--terms", default="cd,td,rd", show_default=True)
-@click.option("--k", type=int, default=None, help="Past frames of TD and of the online teacher (default: config).")
-@click.option("--rounds", default=5, show_default=True, help="Timed rounds (each runs every mode).")
-@click.option("--steps", default=4, show_default=True, help="Steps per mode per round.")
-def main(dataroot: str, version: str, cache_path: str, teacher_path: str, config_path: str, cache_config: str,
-         terms: str, k: int | None, rounds: int, steps: int) -> None:
+def _build(mode: str, opts: dict[str, Any], batches: int) -> tuple[Any, list[Any], list[float], Any]:
+    """(model, batches on the device, seconds per batch load, optimizer) of one mode."""
     import torch
 
     from pipelines.config import load_config
@@ -44,62 +53,142 @@ def main(dataroot: str, version: str, cache_path: str, teacher_path: str, config
     from stxd_cache.store import open_cache
     from stxd_train.data import CameraDataset, collate
     from stxd_train.distiller import Distiller
+    from stxd_train.engine import to_device
     from stxd_train.fit import StudentLoss, StudentRunConfig, build_online_teacher
     from stxd_train.students.registry import build_student
 
-    overrides = [f"distill.terms=[{terms}]"] + ([f"distill.k={k}"] if k is not None else [])
-    cfg = load_config(StudentRunConfig, config_path, overrides)
-    layout = load_config(ExtractConfig, cache_config)
-    meta = open_cache(cache_path).meta
-    device = torch.device("cpu")
-    k = cfg.distill.k
-    index = SampleIndex.load(dataroot, version, cfg.data.train_splits, k_prev=max(cfg.model.queue, k),
-                             max_sweeps=10)
-    online = build_online_teacher(teacher_path, layout, k, device)
+    device = torch.device(opts["device"])
+    cfg = load_config(StudentRunConfig, opts["config"],
+                      [f"distill.terms=[{opts['terms']}]", f"distill.k={opts['k']}"])
+    index = SampleIndex.load(opts["dataroot"], opts["version"], cfg.data.train_splits,
+                             k_prev=max(cfg.model.queue, opts["k"]), max_sweeps=10)
+    torch.manual_seed(0)
+    student = build_student(cfg.model)
+    online = None
+    if mode == "student":
+        model = StudentLoss(student)
+    else:
+        meta = open_cache(opts["cache"]).meta
+        if mode == "online":
+            online = build_online_teacher(opts["teacher"], load_config(ExtractConfig, opts["cache_config"]),
+                                          opts["k"], device)
+        model = Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid, teacher_channels=meta.channels,
+                          token_grid=meta.token_grid, k_max=meta.k_max, online=online)
+    model = model.to(device)
+    dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
+                            cache_path=opts["cache"] if mode == "cached" else None,
+                            lidar=online.frames if online is not None else None)
     b = cfg.data.batch_size
-    total = (rounds + 1) * steps
-    modes = ("student", "cached", "online")
-    models, batches, loads = {}, {}, {}
-    for mode in modes:
-        torch.manual_seed(0)
-        student = build_student(cfg.model)
-        if mode == "student":
-            models[mode] = StudentLoss(student)
-        else:
-            models[mode] = Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid,
-                                     teacher_channels=meta.channels, token_grid=meta.token_grid, k_max=meta.k_max,
-                                     online=online if mode == "online" else None)
-        dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                                cache_path=cache_path if mode == "cached" else None,
-                                lidar=online.frames if mode == "online" else None)
-        batches[mode], loads[mode] = [], []
-        for i in range(total):
-            t0 = time.perf_counter()
-            batches[mode].append(collate([dataset[(i * b + j) % len(dataset)] for j in range(b)]))
-            loads[mode].append(time.perf_counter() - t0)
-    optimizers = {mode: torch.optim.AdamW(models[mode].parameters(), lr=1e-4) for mode in modes}
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for r in range(rounds + 1):
-        for mode in modes:
-            for batch in batches[mode][r * steps:(r + 1) * steps]:
-                t0 = time.perf_counter()
-                loss = sum(models[mode](batch).values())
-                optimizers[mode].zero_grad()
-                loss.backward()
-                optimizers[mode].step()
-                if r > 0:
-                    times[mode].append(time.perf_counter() - t0)
+    loaded, loads = [], []
+    for i in range(batches):
+        start = time.perf_counter()
+        loaded.append(to_device(collate([dataset[(i * b + j) % len(dataset)] for j in range(b)]), device))
+        loads.append(time.perf_counter() - start)
+    return model, loaded, loads, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    step = {mode: statistics.median(t) for mode, t in times.items()}
-    click.echo(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, cpu; {cfg.model.name}, "
-               f"batch {b}, terms {terms}, K={k}; {rounds} rounds x {steps} steps per mode after a warm-up round")
-    click.echo("| mode | step (s, median) | batch load (s, median) |")
-    click.echo("|---|---:|---:|")
-    for mode in modes:
-        click.echo(f"| {mode} | {step[mode]:.3f} | {statistics.median(loads[mode]):.3f} |")
-    click.echo(f"cached / student-only: {step['cached'] / step['student']:.3f}")
-    click.echo(f"online / cached: {step['online'] / step['cached']:.3f}")
+
+def _step(model: Any, optimizer: Any, batch: Any, device: str) -> None:
+    loss = sum(model(batch).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    sync(device)
+
+
+def _memory_child(opts: dict[str, Any], mode: str) -> None:
+    """Runs in a fresh process: one mode's steps, then its resident set before and at peak, as JSON."""
+    model, batches, _, optimizer = _build(mode, opts, opts["steps"])
+    before = rss_mib()
+    reset_peak_rss()
+    for batch in batches:
+        _step(model, optimizer, batch, opts["device"])
+    print(json.dumps({"before_mib": before, "peak_mib": peak_rss_mib()}))
+
+
+def _cpu_memory(opts: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out = {}
+    for mode in MODES:
+        args = [sys.executable, __file__, "--only", mode] + [
+            f"--{key.replace('_', '-')}={value}" for key, value in opts.items() if key not in ("only", "json")]
+        result = subprocess.run(args, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+@click.command()
+@click.option("--dataroot", required=True)
+@click.option("--version", required=True)
+@click.option("--cache", required=True, help="A complete cache over the config's train split.")
+@click.option("--teacher", required=True, help="The teacher checkpoint the cache was extracted with.")
+@click.option("--config", default="configs/student/bevformer_synth.yaml", show_default=True)
+@click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True,
+              help="The layout the online teacher imitates (the cache's config).")
+@click.option("--terms", default="cd,td,rd", show_default=True)
+@click.option("--k", type=int, default=3, show_default=True, help="Past frames of TD and of the online teacher.")
+@click.option("--rounds", default=5, show_default=True, help="Timed rounds (each runs every mode).")
+@click.option("--steps", default=4, show_default=True, help="Steps per mode per round.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--only", type=click.Choice(MODES), default=None, hidden=True)
+@click.option("--json", "json_path", default=None, help="Also write the results here.")
+def main(json_path: str | None, only: str | None, **opts: Any) -> None:
+    import torch
+
+    opts["device"] = resolve_device(opts["device"])
+    if only:
+        _memory_child(opts, only)
+        return
+    device = opts["device"]
+    built = {mode: _build(mode, opts, (opts["rounds"] + 1) * opts["steps"]) for mode in MODES}
+    peak_gpu = {mode: 0.0 for mode in MODES}
+    steps = opts["steps"]
+
+    def one_round(mode: str) -> Any:
+        model, batches, _, optimizer = built[mode]
+        done = [0]
+
+        def run() -> None:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            for batch in batches[done[0]:done[0] + steps]:
+                _step(model, optimizer, batch, device)
+            done[0] += steps
+            if device.startswith("cuda"):
+                peak_gpu[mode] = max(peak_gpu[mode], torch.cuda.max_memory_allocated() / 2**20)
+        return run
+
+    times = interleaved({mode: one_round(mode) for mode in MODES}, opts["rounds"])
+    step = {mode: median(t) / steps for mode, t in times.items()}
+    load = {mode: median(built[mode][2]) for mode in MODES}
+    built.clear()   # the memory children below need the RAM
+    if device.startswith("cuda"):
+        memory = {mode: {"peak_gpu_mib": peak_gpu[mode]} for mode in MODES}
+    else:
+        memory = _cpu_memory(opts)
+    ratios = {"cached/student": step["cached"] / step["student"], "online/cached": step["online"] / step["cached"]}
+
+    click.echo(f"machine: {machine(device)}")
+    click.echo(f"student `{opts['config']}`, terms {opts['terms']}, K = {opts['k']}; {opts['rounds']} rounds x "
+               f"{steps} steps per mode after a warm-up round; a step's time is its round's mean, the table gives "
+               "the median over rounds\n")
+    if device.startswith("cuda"):
+        mem_headers = ["peak GPU memory (MiB)"]
+        mem_cells = {m: [f"{memory[m]['peak_gpu_mib']:.0f}"] for m in MODES}
+    else:
+        mem_headers = ["RSS before steps (MiB)", "peak RSS (MiB)"]
+        mem_cells = {m: [f"{memory[m]['before_mib']:.0f}", f"{memory[m]['peak_mib']:.0f}"] for m in MODES}
+    rows = [[mode, f"{step[mode]:.3f}", f"{load[mode]:.3f}", *mem_cells[mode]] for mode in MODES]
+    click.echo(table(["mode", "step (s)", "batch load (s)", *mem_headers], rows))
+    click.echo(f"\ncached / student-only = **{ratios['cached/student']:.3f}** (target <= 1.10); "
+               f"online / cached = **{ratios['online/cached']:.3f}** (target >= 2)")
+    write_json(json_path, {"step_s": step, "load_s": load, "memory": memory, "ratios": ratios,
+                           "batch_size": _batch_size(opts), "k": opts["k"]})
+
+
+def _batch_size(opts: dict[str, Any]) -> int:
+    from pipelines.config import load_config
+    from stxd_train.fit import StudentRunConfig
+
+    return load_config(StudentRunConfig, opts["config"]).data.batch_size
 
 
 if __name__ == "__main__":
