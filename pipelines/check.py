@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
-from pipelines.nuscenes import TABLES
+from pipelines.nuscenes import TABLES, escapes_root
 
 # (table, field, referenced table); '' is allowed for prev/next only.
 _FOREIGN_KEYS = (
@@ -45,9 +45,10 @@ class CheckReport:
         self.problems.append(problem)
 
 
-def check_root(dataroot: str | Path, version: str, *, check_files: bool = True,
+def check_root(dataroot: str | Path, version: str, *, check_files: bool = True, load: bool = True,
                progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> CheckReport:
-    """Validate tables, foreign keys, splits, referenced files and the devkit load of a root."""
+    """Validate tables, foreign keys, splits, file names, referenced files and (with `load`) the devkit load of a
+    root."""
     root = Path(dataroot)
     report = CheckReport(root=root, version=version)
     table_dir = root / version
@@ -86,14 +87,17 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True,
     bad_attr = [r for r in tables["sample_annotation"]
                 if any(a not in attr_tokens for a in r.get("attribute_tokens", []))]
     if bad_attr:
+        unknown = next(a for a in bad_attr[0]["attribute_tokens"] if a not in attr_tokens)
         report.add(f"{len(bad_attr)} sample_annotation record(s) name unknown attribute tokens, "
-                   f"e.g. {bad_attr[0]['token']}")
+                   f"e.g. {bad_attr[0]['token']} → {unknown!r}")
     mapped_logs = {t for m in tables["map"] for t in m.get("log_tokens", [])}
     unmapped = [log["token"] for log in tables["log"] if log["token"] not in mapped_logs]
     if unmapped:
         report.add(f"{len(unmapped)} log(s) belong to no map record, e.g. {unmapped[0]}")
     for record in tables["map"]:
-        if not (root / record.get("filename", "")).is_file():
+        if escapes_root(str(record.get("filename", ""))):
+            report.add(f"map {record.get('token')}: filename {record.get('filename')!r} points outside the root")
+        elif not (root / record.get("filename", "")).is_file():
             report.add(f"map {record.get('token')}: file {root / record.get('filename', '')} is missing")
 
     scene_names = {s["name"] for s in tables["scene"]}
@@ -109,12 +113,18 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True,
         except (json.JSONDecodeError, AttributeError, TypeError) as exc:
             report.add(f"{splits_path} is not a mapping of split name to scene names: {exc}")
 
+    escaping = [sd for sd in tables["sample_data"] if escapes_root(str(sd.get("filename", "")))]
+    for sd in escaping[:20]:
+        report.add(f"sample_data {sd.get('token')}: filename {sd.get('filename')!r} points outside the root "
+                   "(absolute, or leading out with ..); stxd refuses to read it")
+    if len(escaping) > 20:
+        report.add(f"… and {len(escaping) - 20} more sample_data filenames point outside the root")
     if check_files:
-        records = tables["sample_data"]
-        for sd in (progress(records) if progress else records):
+        inside = [sd for sd in tables["sample_data"] if not escapes_root(str(sd.get("filename", "")))]
+        for sd in (progress(inside) if progress else inside):
             _check_file(root, sd, report)
 
-    if report.ok:
+    if report.ok and load:
         from pipelines.nuscenes import load_nuscenes
 
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from typing import Any
@@ -26,14 +27,39 @@ class StxdGroup(click.Group):
         except Exception as exc:  # the single place where errors meet the user
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            text, worker = worker_message(exc)
             if isinstance(exc, StxdError):
-                message = str(exc)
+                message = text
             else:
-                message = (f"internal error ({type(exc).__name__}): {exc}. This is a bug in stxd or an "
+                message = (f"internal error ({type(exc).__name__}): {text}. This is a bug in stxd or an "
                            "input it does not recognise; re-run with --debug for the traceback.")
+            if worker:
+                message += f" (raised in {worker})"
             click.echo(textwrap.fill(f"error: {message}", width=100, break_long_words=False,
                                      break_on_hyphens=False), err=True)
             sys.exit(2)
+
+
+_WORKER = re.compile(r"\ACaught \w+ (in DataLoader worker process \d+|in pin memory thread[^.]*)\.\n"
+                     r"Original Traceback \(most recent call last\):\n")
+
+
+def worker_message(exc: BaseException) -> tuple[str, str | None]:
+    """(message, where) of an exception, with the traceback that a DataLoader worker folds into the message of
+    the exception it re-raises taken out again: the original message, and e.g. "DataLoader worker process 0"
+    (None for an exception raised in this process)."""
+    text = str(exc)
+    match = _WORKER.match(text)
+    if match is None:
+        return text, None
+    kind = type(exc)
+    # The traceback ends with the exception's `module.QualName: message` line (multi-line messages included).
+    for name in (f"{kind.__module__}.{kind.__qualname__}", kind.__qualname__):
+        cut = text.rfind(f"\n{name}: ")
+        if cut >= 0:
+            return text[cut + len(name) + 3:].strip(), match.group(1).removeprefix("in ")
+    lines = [line for line in text.splitlines() if line and not line.startswith((" ", "\t"))]
+    return lines[-1].strip(), match.group(1).removeprefix("in ")
 
 
 def debug_option(fn: Any) -> Any:

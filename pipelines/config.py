@@ -31,6 +31,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        if not any(value == arg and type(value) is type(arg) for arg in args):
+            raise ConfigError(f"{where}: found {value!r}, expected one of {', '.join(repr(a) for a in args)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -22,3 +22,13 @@ class SplitError(DatasetError):
 
 class SensorFileError(DatasetError):
     """A LiDAR or camera file that is missing or cannot be parsed."""
+
+
+def torch_load_reason(error: BaseException) -> str:
+    """Why `torch.load` failed, in one line: the safe unpickler's own reason when there is one, without torch's
+    advice to turn `weights_only` off (which would run whatever code the file carries)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").split(" Please ")[0].strip()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"

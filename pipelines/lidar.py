@@ -14,21 +14,31 @@ POINT_DIM = 5   # nuScenes .pcd.bin: x, y, z, intensity, ring (float32)
 
 
 def load_points(path: str | Path) -> np.ndarray:
-    """(N, 5) float32 [x, y, z, intensity, ring] in the sensor frame, non-finite points dropped.
+    """(N, 5) float32 [x, y, z, intensity, ring] in the sensor frame.
 
-    Raises SensorFileError naming the file if it is missing or its size is not a whole number of points.
+    Raises SensorFileError naming the file if it is missing or empty, if its size is not a whole number of
+    points, or if any value is NaN or infinite: a nuScenes sweep holds only finite returns, so such a file is
+    corrupt, and dropping its points quietly would train and cache on a damaged scan.
     """
     path = Path(path)
     if not path.is_file():
         raise SensorFileError(f"LiDAR file {path} is missing; the dataset root is incomplete (check it with "
                               "`stxd-data check`) or --dataroot points to the wrong folder")
     size = path.stat().st_size
-    if size % (4 * POINT_DIM):
-        raise SensorFileError(f"LiDAR file {path} has {size} bytes, not a multiple of {4 * POINT_DIM} "
-                              f"({POINT_DIM} float32 per point); the file is truncated or not nuScenes "
-                              ".pcd.bin: re-download or re-generate it")
+    if size == 0 or size % (4 * POINT_DIM):
+        found = "is empty (0 bytes)" if size == 0 else f"has {size} bytes, not a multiple of {4 * POINT_DIM}"
+        raise SensorFileError(f"LiDAR file {path} {found}; expected a non-zero multiple of {4 * POINT_DIM} bytes "
+                              f"({POINT_DIM} float32 per point): the file is truncated or not nuScenes .pcd.bin; "
+                              "re-download or re-generate it")
     points = np.fromfile(path, dtype=np.float32).reshape(-1, POINT_DIM)
-    return points[np.all(np.isfinite(points), axis=1)]
+    finite = np.isfinite(points)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        raise SensorFileError(
+            f"LiDAR file {path} holds {int((~finite).sum())} non-finite values (NaN or ±inf) in {len(bad_rows)} of "
+            f"its {len(points)} points (first at point {int(bad_rows[0])}); expected finite x, y, z, intensity and "
+            "ring values: the file is corrupt; re-download or re-generate it")
+    return points
 
 
 def load_sweeps(sample: SampleInfo, *, num_sweeps: int = 10,

@@ -9,6 +9,7 @@ It works on real nuScenes (predefined splits) and on synthetic roots (custom spl
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +137,55 @@ def load_nuscenes(dataroot: str | Path, version: str) -> NuScenes:
 
     try:
         return NuScenes(version=version, dataroot=str(root), verbose=False)
-    except (AssertionError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"the devkit cannot load {table_dir}: {type(exc).__name__}: {exc}; run "
+    except Exception as exc:  # the devkit's assertions, KeyErrors of dangling tokens, its own bare Exceptions
+        found = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyError):
+            found = f"a record refers to the missing token {exc}{_reference_hint(root, version)}"
+        raise DatasetError(f"the devkit cannot load {table_dir}: {found}; run "
                            f"`stxd-data check --dataroot {root} --version {version}` for a full report") from None
+
+
+def _reference_hint(root: Path, version: str) -> str:
+    """The first dangling references of a root's tables, as a clause for an error message ('' if none)."""
+    from pipelines.check import check_root
+
+    try:
+        problems = [p for p in check_root(root, version, check_files=False, load=False).problems if "token" in p]
+    except Exception:  # tables too damaged to scan: the devkit's own message stands alone
+        return ""
+    return f" ({'; '.join(problems[:2])})" if problems else ""
+
+
+def escapes_root(filename: str) -> bool:
+    """True if a table's relative `filename` is absolute or leads out of the dataset root (`../x`)."""
+    norm = os.path.normpath(filename)
+    return os.path.isabs(filename) or norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+def root_file(root: Path, filename: object, referrer: str) -> str:
+    """The path of a file named by a table record, refusing names that are empty or point outside `root`.
+
+    referrer: the record, e.g. "sample_data 0a1b…", named in the error.
+    """
+    if not isinstance(filename, str) or not filename:
+        raise DatasetError(f"{referrer} in {root} has the filename {filename!r}; expected a path relative to the "
+                           "dataset root such as samples/LIDAR_TOP/<name>.pcd.bin; fix or re-generate the table")
+    if escapes_root(filename):
+        raise DatasetError(f"{referrer} has the filename {filename!r}, which points outside the dataset root "
+                           f"{root}; nuScenes filenames are relative paths inside the root (samples/…, sweeps/…), "
+                           "so the table is damaged or was written by a broken converter: fix or re-generate it")
+    return str(root / filename)
+
+
+def _get(nusc: NuScenes, table: str, token: str, referrer: str) -> dict:
+    """`nusc.get(table, token)`, with a DatasetError naming the referring record when the token is dangling."""
+    try:
+        return nusc.get(table, token)
+    except KeyError:
+        raise DatasetError(
+            f"{referrer} refers to the {table} token {token!r}, which is not in {Path(nusc.dataroot) / nusc.version}/"
+            f"{table}.json; the tables are inconsistent: run `stxd-data check --dataroot {nusc.dataroot} --version "
+            f"{nusc.version}` for every dangling reference, then fix or re-generate the root") from None
 
 
 class SampleIndex(Sequence[SampleInfo]):
@@ -170,9 +217,10 @@ class SampleIndex(Sequence[SampleInfo]):
         for scene in nusc.scene:
             if scene["name"] not in scene_names:
                 continue
-            token, history = scene["first_sample_token"], []
+            token, history, referrer = scene["first_sample_token"], [], f"scene {scene['name']}"
             while token:
-                sample = nusc.get("sample", token)
+                sample = _get(nusc, "sample", token, referrer)
+                referrer = f"sample {token} (`next`)"
                 samples.append(_sample_info(nusc, sample, scene, len(history), tuple(history[::-1][:k_prev]),
                                             max_sweeps))
                 history.append(token)
@@ -210,36 +258,39 @@ class SampleIndex(Sequence[SampleInfo]):
 
 def _pose(nusc: NuScenes, sd: dict) -> tuple[np.ndarray, np.ndarray]:
     """(sensor2ego, ego2global) of a sample_data record."""
-    cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
-    ep = nusc.get("ego_pose", sd["ego_pose_token"])
+    referrer = f"sample_data {sd['token']}"
+    cs = _get(nusc, "calibrated_sensor", sd["calibrated_sensor_token"], referrer)
+    ep = _get(nusc, "ego_pose", sd["ego_pose_token"], referrer)
     return transform_matrix(cs["translation"], cs["rotation"]), transform_matrix(ep["translation"], ep["rotation"])
 
 
 def _sample_info(nusc: NuScenes, sample: dict, scene: dict, frame_index: int, prev: tuple[str, ...],
                  max_sweeps: int) -> SampleInfo:
     root = Path(nusc.dataroot)
-    lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    where = f"sample {sample['token']}"
+    lidar_sd = _get(nusc, "sample_data", sample["data"]["LIDAR_TOP"], where)
     lidar2ego, ego2global = _pose(nusc, lidar_sd)
     global2lidar = invert(ego2global @ lidar2ego)
-    keyframe = Sweep(path=str(root / lidar_sd["filename"]), timestamp=lidar_sd["timestamp"], time_lag=0.0,
-                     to_keyframe_lidar=np.eye(4))
+    keyframe = Sweep(path=root_file(root, lidar_sd["filename"], f"sample_data {lidar_sd['token']}"),
+                     timestamp=lidar_sd["timestamp"], time_lag=0.0, to_keyframe_lidar=np.eye(4))
     sweeps: list[Sweep] = []
     sd = lidar_sd
     while sd["prev"] and len(sweeps) < max_sweeps:
-        sd = nusc.get("sample_data", sd["prev"])
+        sd = _get(nusc, "sample_data", sd["prev"], f"sample_data {sd['token']} (`prev`)")
         s2e, e2g = _pose(nusc, sd)
-        sweeps.append(Sweep(path=str(root / sd["filename"]), timestamp=sd["timestamp"],
-                            time_lag=(lidar_sd["timestamp"] - sd["timestamp"]) * 1e-6,
+        sweeps.append(Sweep(path=root_file(root, sd["filename"], f"sample_data {sd['token']}"),
+                            timestamp=sd["timestamp"], time_lag=(lidar_sd["timestamp"] - sd["timestamp"]) * 1e-6,
                             to_keyframe_lidar=global2lidar @ e2g @ s2e))
     cameras = []
     for channel in CAMERA_CHANNELS:
         if channel not in sample["data"]:
             raise DatasetError(f"sample {sample['token']} (scene {scene['name']}) has no {channel} image; "
                                "stxd needs all six cameras")
-        cam_sd = nusc.get("sample_data", sample["data"][channel])
+        cam_sd = _get(nusc, "sample_data", sample["data"][channel], where)
         cam2ego, cam_e2g = _pose(nusc, cam_sd)
-        cs = nusc.get("calibrated_sensor", cam_sd["calibrated_sensor_token"])
-        cameras.append(CameraView(channel=channel, path=str(root / cam_sd["filename"]),
+        cs = _get(nusc, "calibrated_sensor", cam_sd["calibrated_sensor_token"], f"sample_data {cam_sd['token']}")
+        cameras.append(CameraView(channel=channel, path=root_file(root, cam_sd["filename"],
+                                                                  f"sample_data {cam_sd['token']}"),
                                   size=(int(cam_sd["width"]), int(cam_sd["height"])),
                                   intrinsic=np.asarray(cs["camera_intrinsic"], dtype=np.float64),
                                   lidar2cam=invert(cam_e2g @ cam2ego) @ ego2global @ lidar2ego,
@@ -255,15 +306,20 @@ def _ground_truth(nusc: NuScenes, sample: dict, lidar2ego: np.ndarray, ego2globa
 
     boxes, labels, attrs, pts, vis, inst = [], [], [], [], [], []
     for ann_token in sample["anns"]:
-        ann = nusc.get("sample_annotation", ann_token)
+        where = f"sample_annotation {ann_token}"
+        ann = _get(nusc, "sample_annotation", ann_token, f"sample {sample['token']}")
         name = CATEGORY_TO_CLASS.get(ann["category_name"])
         if name is None:
             continue
+        for key in ("prev", "next"):   # box_velocity follows them inside the devkit
+            if ann[key]:
+                _get(nusc, "sample_annotation", ann[key], f"{where} (`{key}`)")
         box = nusc.get_box(ann_token)
         box.velocity = nusc.box_velocity(ann_token)
         boxes.append(box)
         labels.append(DETECTION_CLASSES.index(name))
-        attrs.append(nusc.get("attribute", ann["attribute_tokens"][0])["name"] if ann["attribute_tokens"] else "")
+        attrs.append(_get(nusc, "attribute", ann["attribute_tokens"][0], where)["name"]
+                     if ann["attribute_tokens"] else "")
         pts.append(ann["num_lidar_pts"])
         vis.append(int(ann["visibility_token"]) if str(ann["visibility_token"]).isdigit() else 0)
         inst.append(ann["instance_token"])

@@ -56,14 +56,31 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
         extracted += rows
         bar.update(rows)
 
+    was_complete = _is_complete_cache(out)
     start = time.perf_counter()
     meta = run_extract(job, workers=workers, scheduler=scheduler, progress=progress)
     bar.close()
     seconds = time.perf_counter() - start
+    if was_complete:
+        click.echo(f"cache {out} is already complete ({meta.dataset.sample_count} samples, created {meta.created}) "
+                   "and has the requested fingerprint: nothing was extracted or written. Complete caches are never "
+                   "modified; extract into a new --out to make another")
+        return
     info = cache_info(out)
     click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({extracted} extracted now in "
                f"{seconds:.1f} s), {info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression "
                f"x{info['compression_ratio']:.2f}")
+
+
+def _is_complete_cache(path: str) -> bool:
+    """Whether `path` holds a finalised cache (False for no cache, an unfinished one or a foreign store)."""
+    from stxd_cache.errors import CacheError
+    from stxd_cache.store import open_cache
+
+    try:
+        return open_cache(path).meta.complete
+    except CacheError:
+        return False
 
 
 @main.command()

@@ -35,6 +35,12 @@ class CacheCorruptError(CacheError):
     """A chunk that fails its checksum or cannot be decoded, or arrays that do not match the cache's metadata."""
 
 
+class CacheWriteError(CacheError):
+    """A write into the cache that the file system refused (disk full, quota, permissions, read-only disk).
+
+    Rows already done stay done, so re-running the same extraction once the cause is fixed resumes."""
+
+
 class CacheReadOnlyError(CacheError):
     """A write into a cache that is complete (finalised); complete caches are never modified."""
 

@@ -9,9 +9,12 @@ The contract (arrays, attributes, row encoding, invariants) lives in `stxd_cache
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +29,7 @@ from stxd_cache.errors import (
     CacheError,
     CacheIncompleteError,
     CacheReadOnlyError,
+    CacheWriteError,
     FingerprintMismatchError,
     LayoutMismatchError,
     NotACacheError,
@@ -60,6 +64,10 @@ DEFAULT_LAYOUT = CacheLayout()
 # a store holding only this marker is an interrupted creation, which `create_or_resume` may redo.
 _CREATING_KEY = "stxd_creating"
 _MAX_PROBLEMS = 100
+# zarr's LocalStore writes each object to `<name>.<32 hex digits>.partial`, then renames it into place: a process
+# killed in between leaves that temporary file behind, and `finalize` removes it.
+_TEMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # ----------------------------------------------------------------------------------------------- store helpers
@@ -82,6 +90,9 @@ def _open_group(path: str, mode: str) -> zarr.Group:
 
 def _read_meta(group: zarr.Group, path: str) -> CacheMeta:
     attrs = group.attrs.asdict()
+    if ATTRS_KEY not in attrs and _CREATING_KEY in attrs:
+        raise CacheIncompleteError(f"cache {path} was still being created when its extraction stopped (its arrays "
+                                   "are not all made); re-run the same `stxd-cache extract`, which creates it again")
     if ATTRS_KEY not in attrs:
         raise NotACacheError(f"{path} is a Zarr group without the `{ATTRS_KEY}` attribute, so not an stxd teacher "
                              "cache; choose another path (stxd never writes into foreign stores)")
@@ -164,6 +175,32 @@ def _row_names(tokens: Sequence[str], rows: Sequence[int]) -> str:
     return shown + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
 
 
+@contextlib.contextmanager
+def _writing(path: str, what: str) -> Iterator[None]:
+    """Turn an `OSError` raised while writing `what` into the cache at `path` into a `CacheWriteError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            cause, fix = "the disk is full", "free space on the disk that holds the cache"
+        else:
+            cause, fix = "the file system refused it", "fix that (permissions, a read-only or unmounted disk)"
+        raise CacheWriteError(
+            f"cache {path}: writing {what} failed: {cause} ({exc}); {fix}, then re-run the same `stxd-cache "
+            "extract` command: it keeps the rows already done and writes the rest") from exc
+
+
+def _remove_temp_files(path: str) -> None:
+    """Delete the temporary files that writes killed before their rename left in a local store."""
+    if "://" in path:
+        return
+    for folder, _dirs, names in os.walk(path):
+        for name in names:
+            if _TEMP_FILE.search(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
+
+
 # ------------------------------------------------------------------------------------------------------ writing
 
 
@@ -209,16 +246,17 @@ class CacheWriter:
         encoded = [encode_record(rec, self.meta, self.sample_tokens[i]) for i, rec in zip(rows, records, strict=True)]
         sel = slice(rows.start, rows.stop)
         unit_index = rows.start // self.rows_per_shard
-        self._arrays["done"][sel] = False
-        for name in UNIT_ARRAYS:
-            if name not in self._arrays:
-                continue
-            array = self._arrays[name]
-            # A rewrite starts from nothing: zarr merges partial shard writes with the stored shard, which would
-            # fail on a damaged one; removing it first makes every rewrite independent of what was there.
-            sync(array.store_path.store.delete(_object_key(array, unit_index)))
-            array[sel] = np.stack([row[name] for row in encoded])
-        self._arrays["done"][sel] = True
+        with _writing(self.path, f"rows {_row_names(self.sample_tokens, rows)}"):
+            self._arrays["done"][sel] = False
+            for name in UNIT_ARRAYS:
+                if name not in self._arrays:
+                    continue
+                array = self._arrays[name]
+                # A rewrite starts from nothing: zarr merges partial shard writes with the stored shard, which
+                # would fail on a damaged one; removing it first makes every rewrite independent of what was there.
+                sync(array.store_path.store.delete(_object_key(array, unit_index)))
+                array[sel] = np.stack([row[name] for row in encoded])
+            self._arrays["done"][sel] = True
 
     def finalize(self) -> None:
         """Mark the cache complete once every row is done; safe to interrupt and re-run, a no-op when complete."""
@@ -232,8 +270,10 @@ class CacheWriter:
                 f"{_row_names(self.sample_tokens, missing)}); write their units (pending_units()) first, e.g. by "
                 "re-running the same `stxd-cache extract`")
         meta = dataclasses.replace(self.meta, complete=True)
-        # One metadata document rewritten in one put: the flag flips atomically (LocalStore writes via rename).
-        self._group.attrs.put({ATTRS_KEY: meta.to_dict()})
+        with _writing(self.path, "the `complete` flag"):
+            _remove_temp_files(self.path)
+            # One metadata document rewritten in one put: the flag flips atomically (LocalStore writes via rename).
+            self._group.attrs.put({ATTRS_KEY: meta.to_dict()})
         self.meta = meta
 
     def _check_writable(self) -> None:
@@ -291,11 +331,12 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
                          zstd_level=zstd_level or DEFAULT_LAYOUT.zstd_level)
     created = meta.created or datetime.now(UTC).isoformat(timespec="seconds")
     meta = dataclasses.replace(meta, layout=layout, created=created, complete=False)
-    group = zarr.open_group(path, mode="w", zarr_format=3, attributes={_CREATING_KEY: True})
-    _create_arrays(group, meta)
-    group["sample_token"][:] = np.asarray(tokens, dtype=object)
-    group["prev_index"][:] = prev
-    group.attrs.put({ATTRS_KEY: meta.to_dict()})
+    with _writing(path, "the new store"):
+        group = zarr.open_group(path, mode="w", zarr_format=3, attributes={_CREATING_KEY: True})
+        _create_arrays(group, meta)
+        group["sample_token"][:] = np.asarray(tokens, dtype=object)
+        group["prev_index"][:] = prev
+        group.attrs.put({ATTRS_KEY: meta.to_dict()})
     return CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
 
 
@@ -380,6 +421,31 @@ class CacheReader:
             raise CacheIncompleteError(f"cache {self.path} is not complete ({state}); re-run the same "
                                        "`stxd-cache extract` to finish it")
 
+    def require_stored(self, rows: Sequence[int]) -> None:
+        """Every stored object (shard, or chunk when unsharded) holding `rows`, or the past frames they link, exists.
+
+        Zarr reads an absent object back as fill values, so a deleted shard would otherwise hand a reader blank
+        records without a word. This lists each array's keys once and decodes nothing (cheap next to
+        `stxd-cache verify`, which decodes every chunk). Raises `CacheCorruptError` naming the samples.
+        """
+        needed = sorted({int(r) for r in rows} | {int(p) for r in rows for p in self._prev[int(r)] if p >= 0})
+        gaps, specs = [], array_specs(self.meta)
+        for name, array in self._arrays.items():
+            if specs[name].chunking == "index":   # read whole when the cache is opened
+                continue
+            extent = int((array.shards or array.chunks)[0])
+            stored = set(sync(_collect(array.store_path.store.list_prefix(f"{array.store_path.path}/"))))
+            for j in sorted({r // extent for r in needed}):
+                if _object_key(array, j) not in stored:
+                    held = [r for r in needed if r // extent == j]
+                    gaps.append(f"`{name}` object {_object_key(array, j)} (rows {_row_names(self.tokens, held)})")
+        if gaps:
+            raise CacheCorruptError(
+                f"cache {self.path} lacks {len(gaps)} stored object(s) of the samples to read: "
+                + "; ".join(gaps[:3]) + (f"; and {len(gaps) - 3} more" if len(gaps) > 3 else "")
+                + ". Zarr would read them as zeros, so a student would learn from blank teacher records; the store is "
+                f"damaged: run `stxd-cache verify {self.path}` to list every damaged sample, then re-extract the cache")
+
     def read(self, i: int) -> CacheRecord:
         """Row `i` with its past frames' tokens, as float32 numpy."""
         if not -len(self) <= i < len(self):
@@ -393,6 +459,10 @@ class CacheReader:
             raise CacheCorruptError(f"cache {self.path}: the `done` flags of rows {_row_names(self.tokens, damaged)} "
                                     "cannot be decoded (corrupt chunk); run `stxd-cache verify`, then re-extract")
         not_done = [r for r in needed if not self._done[r]]
+        if not_done and self.meta.complete:
+            raise CacheCorruptError(f"cache {self.path} is marked complete, but the `done` flags of rows "
+                                    f"{_row_names(self.tokens, not_done)} are false (their `done` chunk was deleted "
+                                    "or overwritten); run `stxd-cache verify`, then re-extract the cache")
         if not_done:
             raise CacheIncompleteError(f"cache {self.path}: rows {_row_names(self.tokens, not_done)} needed for "
                                        f"sample {self.tokens[i]} are not written yet; finish the extraction first")

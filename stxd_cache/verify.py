@@ -3,6 +3,7 @@ reports the fingerprint, sizes and completeness. Both only read."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -78,12 +79,16 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
     done, done_ok = _read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
     for i in np.flatnonzero(~done_ok):
         problem(f"array `done` row {_row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
-    for name, array in arrays.items():  # absent objects read back as fill values: look for them by key
+    for name, array in arrays.items():  # absent and empty objects read back as fill values: look at the keys
         if math.prod(specs[name].row_shape) == 0:
             continue
-        keys = set(sync(_collect(array.store_path.store.list_prefix(f"{array.store_path.path}/"))))
+        store = array.store_path.store
+        keys = set(sync(_collect(store.list_prefix(f"{array.store_path.path}/"))))
         step = _s_extent(array)
-        for j in range(math.ceil(n / step)):
+        objects = [_object_key(array, j) for j in range(math.ceil(n / step))]
+        present = [key for key in objects if key in keys]
+        sizes = dict(zip(present, sync(_sizes(store, present)), strict=True))
+        for j, key in enumerate(objects):
             rows = range(j * step, min((j + 1) * step, n))
             # Units not written yet have no objects: only rows marked done, or written at creation, must have
             # them (and every `done` object in a complete cache).
@@ -91,8 +96,10 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
                 expected = meta.complete
             else:
                 expected = specs[name].chunking == "index" or bool(done[rows.start:rows.stop].any())
-            if expected and _object_key(array, j) not in keys:
-                problem(f"array `{name}`: stored object `{_object_key(array, j)}` is missing (rows "
+            if expected and key not in keys:
+                problem(f"array `{name}`: stored object `{key}` is missing (rows {_row_names(tokens, rows)})", rows)
+            elif key in keys and sizes[key] == 0:  # no encoded chunk or shard is empty: it holds a crc32c
+                problem(f"array `{name}`: stored object `{key}` is empty (0 bytes: a truncated write or copy; rows "
                         f"{_row_names(tokens, rows)})", rows)
     prev = np.full((n, meta.k_max), -1, np.int32)
     for unit in work_units(n, r):
@@ -114,7 +121,11 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
         if progress:
             progress(unit.stop, n)
     missing = np.flatnonzero(~done & done_ok)
-    if len(missing):
+    if len(missing) and meta.complete:
+        problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}) although the cache is "
+                "marked complete: their `done` chunk was deleted or overwritten; re-extract the cache into a new path",
+                missing)
+    elif len(missing):
         problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}); resume the extraction "
                 "to write them", missing)
     if not meta.complete:
@@ -129,6 +140,11 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
         report.problems = [*report.problems[:_MAX_PROBLEMS], f"... and {extra} more problems"]
     report.bad_samples = [tokens[i] for i in sorted(bad_rows)]
     return report
+
+
+async def _sizes(store: Any, keys: list[str]) -> list[int]:
+    """Sizes in bytes of stored objects, fetched concurrently."""
+    return list(await asyncio.gather(*(store.getsize(key) for key in keys)))
 
 
 def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -62,10 +62,13 @@ def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: 
               help="Teacher checkpoint run at every step instead of a cache (the peers' way; for comparison).")
 @click.option("--cache-config", type=click.Path(dir_okay=False),
               help="With --teacher-online: the cache layout to imitate, e.g. configs/cache/synth.yaml.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="With --teacher-online: allow full unpickling of the teacher checkpoint (runs code).")
 @click.option("--eval/--no-eval", "run_eval", default=False, show_default=True,
               help="Score the trained student on the val split with DetectionEval.")
 def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | None, teacher_online: str | None,
-        cache_config: str | None, overrides: tuple[str, ...], resume: bool, device: str, run_eval: bool) -> None:
+        cache_config: str | None, trust_checkpoint: bool, overrides: tuple[str, ...], resume: bool, device: str,
+        run_eval: bool) -> None:
     """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
     from pipelines.config import load_config
     from stxd_train.engine import is_main_process
@@ -79,7 +82,7 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
 
         layout = load_config(ExtractConfig, cache_config)
     path = fit_student(cfg, dataroot=dataroot, version=version, out=out, cache=cache, teacher_online=teacher_online,
-                       cache_config=layout, resume=resume, device=device)
+                       cache_config=layout, resume=resume, device=device, trust_checkpoint=trust_checkpoint)
     if is_main_process():
         click.echo(f"student written to {path}")
         if run_eval:

@@ -27,6 +27,7 @@ from pipelines.nuscenes import SampleIndex, SampleInfo
 from stxd_train.distill.response import best_gt_iou
 
 if TYPE_CHECKING:
+
     from stxd_cache.schema import CacheRecord
     from stxd_cache.store import CacheReader
     from stxd_train.online import LidarFrames
@@ -154,6 +155,7 @@ class CameraDataset(Dataset[CameraSample]):
         self._cache_rows: np.ndarray | None = None
         if cache_path is not None:
             self._cache_rows = np.asarray(join_cache(self.cache, [s.token for s in index]))
+            self.cache.require_stored(self._cache_rows.tolist())
 
     @property
     def cache(self) -> CacheReader:

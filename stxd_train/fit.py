@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipelines.config import from_dict, read_yaml, require, to_dict
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.data import CameraAugmentConfig, CameraBatch
 from stxd_train.distiller import DistillConfig, Distiller
@@ -112,11 +112,12 @@ def _training_model(cfg: StudentRunConfig, student: nn.Module, reader: Any, onli
 
 def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, cache: str | None = None,
         teacher_online: str | None = None, cache_config: ExtractConfig | None = None, resume: bool = False,
-        device: str = "auto") -> Path:
+        device: str = "auto", trust_checkpoint: bool = False) -> Path:
     """Train a student into run folder `out` (torchrun-aware); returns the path of `student.pt`.
 
     Distillation reads the teacher's records from `cache`, or, with `teacher_online` (a teacher checkpoint),
-    computes them at every step with the cache layout `cache_config` (default: `ExtractConfig()`).
+    computes them at every step with the cache layout `cache_config` (default: `ExtractConfig()`);
+    `trust_checkpoint` lets that checkpoint be fully unpickled (which can run code).
     """
     from torch.utils.data import DataLoader
 
@@ -160,7 +161,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     reader = open_student_cache(cache, mc) if cache is not None else None
     online = None
     if teacher_online is not None and cfg.distill.enabled:
-        online = build_online_teacher(teacher_online, layout, cfg.distill.k, dev)
+        online = build_online_teacher(teacher_online, layout, cfg.distill.k, dev, trust=trust_checkpoint)
     if cfg.distill.enabled and reader is None and online is None:
         raise ConfigError(f"distill.terms {list(cfg.distill.terms)} need the teacher cache: pass --cache CACHE.zarr "
                           "or --teacher-online CKPT (or set distill.terms to [] for a student without distillation)")
@@ -187,8 +188,8 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
-    hooks = [RunConfigHook(config=config), CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
-             MetricsHook(every=tc.log_every), ProgressHook()]
+    hooks = [RunConfigHook(config=config), MetricsHook(every=tc.log_every),
+             CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints), ProgressHook()]
     start = time.perf_counter()
     Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
             hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)
@@ -201,12 +202,14 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     return path
 
 
-def build_online_teacher(path: str, layout: ExtractConfig, k: int, device: torch.device) -> Any:
-    """The frozen teacher of checkpoint `path` producing records in the cache layout `layout`."""
+def build_online_teacher(path: str, layout: ExtractConfig, k: int, device: torch.device, *,
+                         trust: bool = False) -> Any:
+    """The frozen teacher of checkpoint `path` producing records in the cache layout `layout` (`trust`: allow full
+    unpickling of the checkpoint, which can run code)."""
     from stxd_cache.teacher.checkpoint import load_teacher
     from stxd_train.online import OnlineTeacher
 
-    loaded = load_teacher(path, device=device)
+    loaded = load_teacher(path, device=device, trust=trust)
     return OnlineTeacher(model=loaded.model, grid=layout.grid, token_grid=layout.token_grid,
                          box_capacity=layout.box_capacity, k=k, num_sweeps=loaded.config.num_sweeps,
                          point_range=loaded.config.voxel.point_range)
@@ -215,12 +218,18 @@ def build_online_teacher(path: str, layout: ExtractConfig, k: int, device: torch
 def load_student(path: str | Path, device: torch.device) -> nn.Module:
     """The student saved by `fit` at `path` (read with `weights_only=True`), in eval mode. A distilled run's
     adapter is attached as `student.adapter` (None without one)."""
+    from stxd_train.engine import CheckpointError
     from stxd_train.students.registry import build_student
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; the run has not finished training (resume it with --resume)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"student file {path} cannot be read with safe loading ({torch_load_reason(exc)}); "
+                              "`stxd-train fit` writes it with tensors and plain values only, so the file is damaged "
+                              "or was replaced: train the run again (or resume it with --resume)") from None
     student = build_student(from_dict(StudentConfig, saved["config"], where=f"{path} config"))
     student.load_state_dict(saved["state_dict"])
     student.adapter = None

@@ -108,8 +108,8 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     hooks = [RunConfigHook(config=run_config),
-             CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
-             MetricsHook(every=tc.log_every), ProgressHook()]
+             MetricsHook(every=tc.log_every), CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
+             ProgressHook()]
     start = time.perf_counter()
     Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
             hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)

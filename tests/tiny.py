@@ -1,19 +1,26 @@
-"""Tiny configs shared by the tests: a real teacher, cache and students small enough for seconds on a CPU."""
+"""Tiny configs shared by the tests: a real teacher, cache and students small enough for seconds on a CPU, and
+helpers to run `stxd-cache extract` on them and to read or damage the stores it writes."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+import zarr
 
-from pipelines.config import from_dict
+from pipelines.config import from_dict, to_dict
 from stxd_cache.extract import ExtractConfig, ExtractJob
 from stxd_cache.teacher.checkpoint import save_teacher
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+"""The virtual environment's console scripts (`stxd-cache`, ...)."""
 SPLITS = ("synth_train", "synth_val")
 TASKS = [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"], ["barrier"], ["motorcycle", "bicycle"],
          ["pedestrian", "traffic_cone"]]
@@ -73,3 +80,37 @@ def extract_job(root: Path, ckpt: Path, out: Path, **cfg: object) -> ExtractJob:
     return ExtractJob(dataroot=str(root), version="v1.0-synth", splits=SPLITS, teacher_path=str(ckpt),
                       teacher_config_path=None, trust_checkpoint=False, out=str(out), cfg=replace(CACHE, **cfg),
                       device="cpu")
+
+
+def cache_config_file(directory: Path, **cfg: object) -> Path:
+    """The `CACHE` config (fields overridden by `cfg`) written as `directory/cache.yaml`, for `--config`."""
+    path = directory / "cache.yaml"
+    path.write_text(yaml.safe_dump(to_dict(replace(CACHE, **cfg))))
+    return path
+
+
+def extract_args(root: Path, ckpt: Path, out: Path, config: Path) -> list[str]:
+    """`stxd-cache` arguments that extract both tiny splits on the CPU with the cache YAML `config`."""
+    return ["extract", "--dataroot", str(root), "--version", "v1.0-synth", "--splits", ",".join(SPLITS),
+            "--teacher", str(ckpt), "--config", str(config), "--out", str(out), "--device", "cpu"]
+
+
+def cache_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the store at `path`, decoded."""
+    group = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+
+
+def flip_byte_of_row(array_dir: Path, row: int, rows_per_shard: int) -> None:
+    """Flip one byte in the middle of the stored chunk of row `row` of a (S, C, H, W) array such as `bev`."""
+    if rows_per_shard == 1:
+        path, start, length = array_dir / "c" / str(row) / "0" / "0" / "0", 0, None
+    else:
+        path = array_dir / "c" / str(row // rows_per_shard) / "0" / "0" / "0"
+        raw = path.read_bytes()
+        index = np.frombuffer(raw[-(16 * rows_per_shard + 4):-4], dtype="<u8").reshape(rows_per_shard, 2)
+        start, length = (int(v) for v in index[row % rows_per_shard])
+    raw = bytearray(path.read_bytes())
+    middle = start + (length if length is not None else len(raw)) // 2
+    raw[middle] ^= 0x5A
+    path.write_bytes(bytes(raw))

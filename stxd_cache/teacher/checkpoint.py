@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipelines.config import from_dict, to_dict
-from pipelines.errors import StxdError
+from pipelines.errors import StxdError, torch_load_reason
 
 NATIVE_FORMAT = "stxd-teacher/1"
 
@@ -73,11 +73,12 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         if trust:
             raise CheckpointError(f"teacher checkpoint {path} cannot be unpickled: {exc}") from None
-        raise CheckpointError(f"teacher checkpoint {path} holds objects that safe loading refuses ({exc}). If you "
+        raise CheckpointError(f"teacher checkpoint {path} holds objects that safe loading refuses "
+                              f"({torch_load_reason(exc)}); it was not unpickled, so none of its code ran. If you "
                               "trust the file, pass --trust-checkpoint to unpickle it (this can run code)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"teacher checkpoint {path} is corrupt or not a torch checkpoint ({exc}); "
-                              "re-download or re-export it") from None
+        raise CheckpointError(f"teacher checkpoint {path} is corrupt or not a torch checkpoint "
+                              f"({torch_load_reason(exc)}); re-download or re-export it") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"teacher checkpoint {path} holds a {type(data).__name__}, expected a dict with a "
                               "state dict")

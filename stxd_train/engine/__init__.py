@@ -11,8 +11,8 @@ Wiring (the caller turns configs into objects once; the loop never sees a config
                                rank=rank(), world_size=world_size())
     data = DataLoader(dataset, batch_sampler=sampler, num_workers=4, collate_fn=collate,
                       worker_init_fn=seed_worker, generator=loader_generator(train_cfg.seed))
-    hooks = [CheckpointHook(every=train_cfg.checkpoint_every, keep_steps=train_cfg.keep_checkpoints),
-             MetricsHook(every=train_cfg.log_every), ProgressHook()]
+    hooks = [MetricsHook(every=train_cfg.log_every),       # before checkpoints: see MetricsHook
+             CheckpointHook(every=train_cfg.checkpoint_every, keep_steps=train_cfg.keep_checkpoints), ProgressHook()]
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out_dir,
                       max_steps=train_cfg.max_steps, hooks=hooks, device=device,
                       grad_clip=optim_cfg.grad_clip, amp=train_cfg.amp, seed=train_cfg.seed)

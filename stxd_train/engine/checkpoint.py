@@ -8,6 +8,7 @@ business (`Trainer.state_dict`); this module only writes and reads it.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from pipelines.errors import StxdError
+from pipelines.errors import StxdError, torch_load_reason
 from stxd_train.engine.distributed import is_main_process
 
 CHECKPOINT_DIR = "checkpoints"
@@ -109,8 +110,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path} holds objects that safe loading refuses ({torch_load_reason(exc)}); "
+                              "it was not unpickled, so none of its code ran. stxd-train writes checkpoints of "
+                              "tensors and plain values only, so this file was altered or not written by it: resume "
+                              f"from another file in {path.parent}, or start a new run") from exc
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+        raise CheckpointError(f"checkpoint {path} cannot be read ({torch_load_reason(exc)}); "
                               f"resume from another file in {path.parent}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")

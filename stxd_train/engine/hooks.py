@@ -96,6 +96,10 @@ class MetricsHook(HookBase):
     A line is `{"step", "epoch", "lr", "loss", "terms": {name: value}, "grad_norm", "step_time",
     "data_time"}`, losses averaged over ranks. On resume, lines after the checkpoint's step (from the
     interrupted run) are dropped and TensorBoard purges its events after that step.
+
+    Give it to the `Trainer` before the `CheckpointHook`: a process killed between the two hooks of a step then
+    has the line of that step even if the checkpoint was written, so a resumed log has no gap (the other way
+    round, the checkpoint's own step would be missing from `metrics.jsonl` for good).
     """
 
     def __init__(self, *, every: int = 1, tensorboard: bool = True) -> None:

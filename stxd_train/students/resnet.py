@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, torch_load_reason
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "load_pretrained"]
 
@@ -210,7 +210,7 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"pretrained weights {path}: torch.load(weights_only=True) cannot read it "
-                          f"({_load_failure(e)}); expected a checkpoint of tensors only, such as torchvision's "
+                          f"({torch_load_reason(e)}); expected a checkpoint of tensors only, such as torchvision's "
                           "resnet*.pth; re-save foreign checkpoints as a plain state dict") from e
     if isinstance(obj, Mapping):
         for entry in ("state_dict", "model"):
@@ -260,12 +260,3 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
 def _listing(items: list[str]) -> str:
     head = ", ".join(items[:_MAX_LISTED])
     return head if len(items) <= _MAX_LISTED else f"{head} and {len(items) - _MAX_LISTED} more"
-
-
-def _load_failure(error: Exception) -> str:
-    """The line of a torch.load error that says why, without torch's advice to disable `weights_only`."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").split(" Please ")[0].strip()
-    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"

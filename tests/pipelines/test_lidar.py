@@ -64,5 +64,11 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         load_points(tmp_path / "gone.pcd.bin")
     bad = good.copy()
     bad[7] = np.nan
+    bad[13] = np.inf
     (tmp_path / "nan.pcd.bin").write_bytes(bad.tobytes())
-    assert load_points(tmp_path / "nan.pcd.bin").shape == (9, 5)
+    with pytest.raises(SensorFileError, match=r"nan\.pcd\.bin holds 2 non-finite values .* in 2 of its 10 points "
+                                              r"\(first at point 1\)"):
+        load_points(tmp_path / "nan.pcd.bin")
+    (tmp_path / "empty.pcd.bin").write_bytes(b"")
+    with pytest.raises(SensorFileError, match=r"empty\.pcd\.bin is empty \(0 bytes\)"):
+        load_points(tmp_path / "empty.pcd.bin")

@@ -26,6 +26,7 @@ from stxd_cache.errors import (
 from stxd_cache.schema import pool_tokens
 from stxd_cache.store import CacheMeta, TeacherRecord, create_or_resume, open_cache
 from stxd_cache.verify import cache_info, verify
+from tiny import flip_byte_of_row
 
 C, HW, M, K = 4, 8, 5, 2
 SCENES = ["scene-a"] * 4 + ["scene-b"] * 6  # S = 10
@@ -218,25 +219,10 @@ def test_non_cache_paths_are_refused(tmp_path: Path) -> None:
     assert create_or_resume(tmp_path / "empty", make_meta(), TOKENS, prev_rows(SCENES, K)).pending_units()
 
 
-def _flip_byte_of_row(array_dir: Path, row: int, rows_per_shard: int) -> None:
-    """Flip one byte in the middle of the stored chunk of `bev` row `row`."""
-    if rows_per_shard == 1:
-        path, start, length = array_dir / "c" / str(row) / "0" / "0" / "0", 0, None
-    else:
-        path = array_dir / "c" / str(row // rows_per_shard) / "0" / "0" / "0"
-        raw = path.read_bytes()
-        index = np.frombuffer(raw[-(16 * rows_per_shard + 4):-4], dtype="<u8").reshape(rows_per_shard, 2)
-        start, length = (int(v) for v in index[row % rows_per_shard])
-    raw = bytearray(path.read_bytes())
-    middle = start + (length if length is not None else len(raw)) // 2
-    raw[middle] ^= 0x5A
-    path.write_bytes(bytes(raw))
-
-
 @pytest.mark.parametrize("rows_per_shard", [1, 2])
 def test_corrupt_chunk_is_named(tmp_path: Path, rows_per_shard: int) -> None:
     write(tmp_path / "c.zarr", make_records(), rows_per_shard=rows_per_shard)
-    _flip_byte_of_row(tmp_path / "c.zarr" / "bev", 3, rows_per_shard)
+    flip_byte_of_row(tmp_path / "c.zarr" / "bev", 3, rows_per_shard)
     report = verify(tmp_path / "c.zarr")
     assert not report.ok and report.bad_samples == [TOKENS[3]]
     assert any("`bev`" in p and TOKENS[3] in p for p in report.problems), report.problems
