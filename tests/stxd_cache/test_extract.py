@@ -4,6 +4,7 @@ tests/faults/test_cache_faults.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import replace
@@ -64,8 +65,17 @@ def test_int8_error_is_small(synth_root: Path, teacher_ckpt: Path, cache: Path, 
 
 def test_dask_two_workers_write_the_same_cache(synth_root: Path, teacher_ckpt: Path, cache: Path,
                                                tmp_path: Path) -> None:
+    """Two worker processes of `local_cluster`, which keeps dask's thread limits but not its malloc trim threshold
+    (it slowed the teacher 1.6x), write the same arrays as one process."""
+    from distributed import Client
+
+    from stxd_cache.extract import local_cluster
+
     out = tmp_path / "dask.zarr"
-    extract(_job(synth_root, teacher_ckpt, out), workers=2)
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+        extract(_job(synth_root, teacher_ckpt, out), scheduler=cluster.scheduler_address)
+    assert len(env) == 2 and set(env.values()) == {(None, "1")}
     single, dask = cache_arrays(cache), cache_arrays(out)
     assert single.keys() == dask.keys()
     for name in single:
