@@ -183,6 +183,10 @@ def main(dataroot: str, version: str, teacher_path: str, splits: str, config_pat
     click.echo(f"{n} samples of {splits}, `{config_path}` ({cfg.precision}, {cfg.threads} torch thread(s) per "
                f"process); teacher `{teacher_path}`; medians of {rounds} interleaved rounds\n")
     click.echo(table(["measure", "s / sample", "against forward"], rows))
+    fixed = (s - st) * n
+    click.echo(f"\none-process fixed cost: {fixed:.1f} s per run (end to end minus {n} x steady state: opening the "
+               f"dataset, the teacher and the store, filling and draining the load/write pipeline); over {n} samples "
+               f"it adds {fixed / n / f:.2f}x forward, over N samples {fixed / f:.1f} / N x")
     click.echo(f"\ndask 2 workers against 1: **x{speedup[0]:.2f}** end to end, x{speedup[1]:.2f} steady state\n")
     total = sum(stages.values())
     click.echo(table(["stage (serial pass, one sample at a time)", "s / sample", "share"],
@@ -190,7 +194,7 @@ def main(dataroot: str, version: str, teacher_path: str, splits: str, config_pat
                      + [["total", f"{total:.4f}", "100%"]]))
     click.echo(f"\nBlosc zstd compression alone of the same encoded rows, outside zarr: {compress:.4f} s / sample")
     write_json(json_path, {"forward_s": f, "single_s": s, "steady_s": st, "dask": dask, "dask_speedup": speedup,
-                           "stages_s": stages, "compress_s": compress,
+                           "stages_s": stages, "compress_s": compress, "fixed_s": fixed,
                            "samples": n})
 
 

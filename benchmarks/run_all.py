@@ -23,7 +23,7 @@ import click
 
 HERE = Path(__file__).resolve().parent
 MARKER = "<!-- notes: everything below this line is kept when run_all.py rewrites the file -->"
-QUICK = {"step": ["--rounds", "4", "--steps", "2"], "io": ["--samples", "32", "--rounds", "2"],
+QUICK = {"step": ["--rounds", "6", "--steps", "3"], "io": ["--samples", "32", "--rounds", "2"],
          "extract": ["--splits", "synth_val", "--rounds", "2"], "loader": ["--batches", "12", "--rounds", "2"]}
 FULL = {"step": ["--rounds", "8", "--steps", "4"], "io": ["--samples", "96", "--rounds", "3"],
         "extract": ["--splits", "synth_val", "--rounds", "3"], "loader": ["--batches", "32", "--rounds", "3"]}

@@ -142,6 +142,8 @@ def main(json_path: str | None, only: str | None, **opts: Any) -> None:
     peak_gpu = {mode: 0.0 for mode in MODES}
     steps = opts["steps"]
 
+    per_step: dict[str, list[float]] = {mode: [] for mode in MODES}
+
     def one_round(mode: str) -> Any:
         model, batches, _, optimizer = built[mode]
         done = [0]
@@ -150,14 +152,17 @@ def main(json_path: str | None, only: str | None, **opts: Any) -> None:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             for batch in batches[done[0]:done[0] + steps]:
+                start = time.perf_counter()
                 _step(model, optimizer, batch, device)
+                if done[0] >= steps:   # the first round is the warm-up
+                    per_step[mode].append(time.perf_counter() - start)
             done[0] += steps
             if device.startswith("cuda"):
                 peak_gpu[mode] = max(peak_gpu[mode], torch.cuda.max_memory_allocated() / 2**20)
         return run
 
-    times = interleaved({mode: one_round(mode) for mode in MODES}, opts["rounds"])
-    step = {mode: median(t) / steps for mode, t in times.items()}
+    interleaved({mode: one_round(mode) for mode in MODES}, opts["rounds"])
+    step = {mode: median(t) for mode, t in per_step.items()}
     load = {mode: median(built[mode][2]) for mode in MODES}
     built.clear()   # the memory children below need the RAM
     if device.startswith("cuda"):
@@ -168,8 +173,8 @@ def main(json_path: str | None, only: str | None, **opts: Any) -> None:
 
     click.echo(f"machine: {machine(device)}")
     click.echo(f"student `{opts['config']}`, terms {opts['terms']}, K = {opts['k']}; {opts['rounds']} rounds x "
-               f"{steps} steps per mode after a warm-up round; a step's time is its round's mean, the table gives "
-               "the median over rounds\n")
+               f"{steps} steps per mode after a warm-up round; medians of the {len(per_step['student'])} timed steps "
+               "of each mode\n")
     if device.startswith("cuda"):
         mem_headers = ["peak GPU memory (MiB)"]
         mem_cells = {m: [f"{memory[m]['peak_gpu_mib']:.0f}"] for m in MODES}
