@@ -3,14 +3,17 @@ helpers to run `stxd-cache extract` on them and to read or damage the stores it 
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 import zarr
+from click.testing import CliRunner
 
 from pipelines.config import from_dict, to_dict
 from stxd_cache.extract import ExtractConfig, ExtractJob
@@ -114,3 +117,17 @@ def flip_byte_of_row(array_dir: Path, row: int, rows_per_shard: int) -> None:
     middle = start + (length if length is not None else len(raw)) // 2
     raw[middle] ^= 0x5A
     path.write_bytes(bytes(raw))
+
+
+def cli_error(main: Any, *args: object) -> str:
+    """Run a CLI in this process: it must exit 2 through its error report (not an escaped exception), with a
+    single `error:` paragraph and no traceback. Returns the paragraph unwrapped from the terminal width."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    starts = [m.start() for m in re.finditer(r"(?m)^error:", result.stderr)]
+    assert len(starts) == 1, result.stderr
+    paragraph = result.stderr[starts[0]:].strip()
+    assert "\n\n" not in paragraph and "\r" not in paragraph
+    return " ".join(paragraph.split()).removeprefix("error: ")

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,12 @@ from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
 from stxd_train.cli import main as train_main
 from stxd_train.fit import StudentRunConfig
-from tiny import CACHE, SPLITS, TINY_TEACHER, tiny_student
+from tiny import BIN, CACHE, SPLITS, TINY_TEACHER, cli_error, tiny_student
 
-BIN = Path(sys.executable).parent
 VERSION = "v1.0-synth"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def cli_error(main: Any, *args: object) -> str:
-    """Run a CLI in this process: it must exit 2 through its error report (not an escaped exception), with a
-    single `error:` paragraph and no traceback. Returns the paragraph unwrapped from the terminal width."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    starts = [m.start() for m in re.finditer(r"(?m)^error:", result.stderr)]
-    assert len(starts) == 1, result.stderr
-    paragraph = result.stderr[starts[0]:].strip()
-    assert "\n\n" not in paragraph and "\r" not in paragraph
-    return " ".join(paragraph.split()).removeprefix("error: ")
 
 
 def check_problems(root: Path) -> str:

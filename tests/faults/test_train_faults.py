@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +17,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
 from stxd_cache.store import open_cache
 from stxd_train.cli import main as train_main
-from tiny import tiny_student
+from tiny import BIN, cli_error, tiny_student
 
-BIN = Path(sys.executable).parent
 VERSION = "v1.0-synth"
 DISTILL = {"terms": ["cd", "td", "rd"], "alpha_cd": 0.1, "k": 2}
 #: Fields of a metrics line that do not depend on the wall clock.
@@ -114,18 +110,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, synth_
 
 
 def _fit_fails(*args: object) -> str:
-    """Run `stxd-train fit` in this process; it must exit 2 with one paragraph and no traceback. The message,
-    unwrapped from the terminal width."""
-    result = CliRunner().invoke(train_main, ["fit", *(str(a) for a in args)])
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)   # reported by the CLI, not escaped
-    assert "Traceback" not in result.output
-    # The progress bar of the steps that ran may precede the message on stderr; the message is the last paragraph.
-    starts = [m.start() for m in re.finditer(r"(?m)^error:", result.stderr)]
-    assert len(starts) == 1, result.stderr
-    paragraph = result.stderr[starts[0]:].strip()
-    assert "\n\n" not in paragraph and "\r" not in paragraph
-    return " ".join(paragraph.split()).removeprefix("error: ")
+    """Run `stxd-train fit` in this process; it must exit 2 with one paragraph and no traceback (a progress bar
+    of the steps that ran may precede it on stderr). The message, unwrapped from the terminal width."""
+    return cli_error(train_main, "fit", *args)
 
 
 def _bev_shard(store: Path, row: int, rows_per_shard: int) -> Path:
