@@ -127,6 +127,25 @@ def test_temporal_hand_computed_orthogonal_tokens() -> None:
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_temporal_equals_the_batched_formula_in_value_and_gradient() -> None:
+    """The frame-by-frame evaluation against the docstring's formula written for all (b, k) maps at once."""
+    gen = torch.Generator().manual_seed(0)
+    f_now, f_past = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 3, 16, 8, generator=gen)
+    g_now = torch.randn(2, 16, 8, generator=gen, requires_grad=True)
+    valid = torch.tensor([[True, False, True], [True, True, False]])
+    tau = 0.2
+    f_hat, g_hat, p_hat = (F.normalize(x, dim=-1, eps=1e-6) for x in (f_now, g_now, f_past))
+    log_t = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", f_hat, p_hat) / tau, dim=-1)
+    log_s = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", g_hat, p_hat) / tau, dim=-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(dim=-1).mean(dim=-1)
+    expected = torch.where(valid, kl, torch.zeros_like(kl)).sum() / 2
+    (expected_grad,) = torch.autograd.grad(expected, g_now)
+    loss = temporal_loss(f_now, f_past, g_now, valid, tau=tau)
+    (grad,) = torch.autograd.grad(loss, g_now)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_temporal_averages_over_all_samples_and_sums_over_frames() -> None:
     f_now, f_past, g_now = _tokens((1, 4, 3), 0), _tokens((1, 1, 4, 3), 1), _tokens((1, 4, 3), 2)
     single = temporal_loss(f_now, f_past, g_now, torch.tensor([[True]]))
