@@ -73,7 +73,7 @@ smoke: venv
 		--set "distill.terms=[cd,td,rd]"
 	$(BIN)/stxd-train eval --run $(OUT)/student
 
-# The four benchmarks in their quick mode (about 7.5 minutes on 2 cores) → BENCHMARKS.md. Uses the demo teacher
+# The four benchmarks in their quick mode (7.5 to 10 minutes on 2 cores) → BENCHMARKS.md. Uses the demo teacher
 # and cache when `make demo` made them, else a teacher trained for 10 steps and its cache in out/bench.
 bench: venv
 	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse

@@ -82,7 +82,7 @@ def _complete(cache: str) -> bool:
 @click.option("--teacher", default=None, help="Teacher checkpoint (default: the demo teacher, else a short one).")
 @click.option("--cache", default=None, help="Its cache over synth_train and synth_val (default: made as needed).")
 @click.option("--work", default="out/bench", show_default=True, help="Where made inputs and results go.")
-@click.option("--quick", is_flag=True, help="The quick mode of `make bench` (about 7.5 minutes on 2 cores).")
+@click.option("--quick", is_flag=True, help="The quick mode of `make bench` (7.5 to 10 minutes on 2 cores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda: the training step and extraction.")
 @click.option("--out", "out_path", default="BENCHMARKS.md", show_default=True)
 def main(dataroot: str, version: str, teacher: str | None, cache: str | None, work: str, quick: bool, device: str,
