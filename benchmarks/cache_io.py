@@ -91,16 +91,15 @@ def _create(src: Source, path: str, layout: str) -> Any:
     return create_or_resume(path, meta, src.tokens, src.prev, rows_per_shard=rows, zstd_level=level)
 
 
-def _write_units(writer: Any, units: list[range], records: list[Any]) -> None:
+def _write_units(writer: Any, units: list[range], records: Any) -> None:
+    """Write `units`; `records` maps a row to its record (a list, or a dict of the rows sent to a process)."""
     for rows in units:
         writer.write_unit(rows, [records[i] for i in rows])
 
 
 def _write_part(args: tuple[Any, list[range], dict[int, Any]]) -> None:
-    """One spawned writer process: its share of the units (records sent with them)."""
-    writer, units, records = args
-    for rows in units:
-        writer.write_unit(rows, [records[i] for i in rows])
+    """One spawned writer process: its share of the units, with their records."""
+    _write_units(*args)
 
 
 def _write(src: Source, path: str, layout: str, pool: Any = None, workers: int = 1) -> float:
