@@ -59,21 +59,13 @@ def _inputs(dataroot: str, version: str, work: Path, teacher: str | None, cache:
                       "--dataroot", dataroot, "--version", version, "--out", str(work / "teacher"), "--no-eval",
                       "--set", "train.max_steps=10", "--set", "train.checkpoint_every=10"])
     cache = cache or str(work / "cache.zarr")
-    if _complete(cache):
+    from stxd_cache.store import is_complete
+
+    if is_complete(cache):
         return teacher, cache
     _run([_bin("stxd-cache"), "extract", "--dataroot", dataroot, "--version", version, "--splits",
           "synth_train,synth_val", "--teacher", teacher, "--config", "configs/cache/synth.yaml", "--out", cache])
     return teacher, cache
-
-
-def _complete(cache: str) -> bool:
-    from stxd_cache.errors import CacheError
-    from stxd_cache.store import open_cache
-
-    try:
-        return open_cache(cache).meta.complete
-    except CacheError:
-        return False
 
 
 @click.command()

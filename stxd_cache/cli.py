@@ -39,6 +39,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     from pipelines.config import load_config
     from stxd_cache.extract import ExtractConfig, ExtractJob
     from stxd_cache.extract import extract as run_extract
+    from stxd_cache.store import is_complete
     from stxd_cache.teacher.model import resolve_device
     from stxd_cache.verify import cache_info
 
@@ -56,7 +57,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
         extracted += rows
         bar.update(rows)
 
-    was_complete = _is_complete_cache(out)
+    was_complete = is_complete(out)
     start = time.perf_counter()
     meta = run_extract(job, workers=workers, scheduler=scheduler, progress=progress)
     bar.close()
@@ -70,17 +71,6 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({extracted} extracted now in "
                f"{seconds:.1f} s), {info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression "
                f"x{info['compression_ratio']:.2f}")
-
-
-def _is_complete_cache(path: str) -> bool:
-    """Whether `path` holds a finalised cache (False for no cache, an unfinished one or a foreign store)."""
-    from stxd_cache.errors import CacheError
-    from stxd_cache.store import open_cache
-
-    try:
-        return open_cache(path).meta.complete
-    except CacheError:
-        return False
 
 
 @main.command()

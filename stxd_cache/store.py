@@ -521,6 +521,16 @@ def _fails(array: Any, row: int) -> bool:
     return False
 
 
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds a finalised cache: False for nothing there, an unfinished cache or a foreign store.
+    Reads the metadata only."""
+    path = os.fspath(path)
+    try:
+        return _read_meta(_open_group(path, "r"), path).complete
+    except CacheError:
+        return False
+
+
 def open_cache(path: str | os.PathLike[str]) -> CacheReader:
     """A read-only reader (the store is opened with mode "r"); see `CacheReader.require_complete`."""
     path = os.fspath(path)

@@ -27,7 +27,6 @@ from pipelines.nuscenes import SampleIndex, SampleInfo
 from stxd_train.distill.response import best_gt_iou
 
 if TYPE_CHECKING:
-
     from stxd_cache.schema import CacheRecord
     from stxd_cache.store import CacheReader
     from stxd_train.online import LidarFrames

@@ -92,10 +92,11 @@ def cache_config_file(directory: Path, **cfg: object) -> Path:
     return path
 
 
-def extract_args(root: Path, ckpt: Path, out: Path, config: Path) -> list[str]:
-    """`stxd-cache` arguments that extract both tiny splits on the CPU with the cache YAML `config`."""
+def extract_args(root: Path, ckpt: Path, out: Path, config: Path, *extra: object) -> list[str]:
+    """`stxd-cache` arguments that extract both tiny splits on the CPU with the cache YAML `config`, then `extra`."""
     return ["extract", "--dataroot", str(root), "--version", "v1.0-synth", "--splits", ",".join(SPLITS),
-            "--teacher", str(ckpt), "--config", str(config), "--out", str(out), "--device", "cpu"]
+            "--teacher", str(ckpt), "--config", str(config), "--out", str(out), "--device", "cpu",
+            *(str(e) for e in extra)]
 
 
 def cache_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -104,12 +105,18 @@ def cache_arrays(path: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
 
 
+def shard_path(array_dir: Path, row: int, rows_per_shard: int) -> Path:
+    """The stored object (shard, or chunk when `rows_per_shard` is 1) holding row `row` of a (S, C, H, W) array
+    such as `bev`."""
+    return array_dir / "c" / str(row // rows_per_shard) / "0" / "0" / "0"
+
+
 def flip_byte_of_row(array_dir: Path, row: int, rows_per_shard: int) -> None:
     """Flip one byte in the middle of the stored chunk of row `row` of a (S, C, H, W) array such as `bev`."""
+    path = shard_path(array_dir, row, rows_per_shard)
     if rows_per_shard == 1:
-        path, start, length = array_dir / "c" / str(row) / "0" / "0" / "0", 0, None
+        start, length = 0, None
     else:
-        path = array_dir / "c" / str(row // rows_per_shard) / "0" / "0" / "0"
         raw = path.read_bytes()
         index = np.frombuffer(raw[-(16 * rows_per_shard + 4):-4], dtype="<u8").reshape(rows_per_shard, 2)
         start, length = (int(v) for v in index[row % rows_per_shard])
@@ -126,8 +133,15 @@ def cli_error(main: Any, *args: object) -> str:
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
-    starts = [m.start() for m in re.finditer(r"(?m)^error:", result.stderr)]
-    assert len(starts) == 1, result.stderr
-    paragraph = result.stderr[starts[0]:].strip()
+    return error_paragraph(result.stderr)
+
+
+def error_paragraph(stderr: str) -> str:
+    """The single `error:` paragraph that ends a CLI's stderr (a progress bar or a library warning may precede it),
+    with no traceback, unwrapped from the terminal width."""
+    assert "Traceback" not in stderr, stderr
+    starts = [m.start() for m in re.finditer(r"(?m)^error:", stderr)]
+    assert len(starts) == 1, stderr
+    paragraph = stderr[starts[0]:].strip()
     assert "\n\n" not in paragraph and "\r" not in paragraph
     return " ".join(paragraph.split()).removeprefix("error: ")

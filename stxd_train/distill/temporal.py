@@ -53,8 +53,8 @@ def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tens
     g_hat = F.normalize(g_now, dim=-1, eps=_NORM_EPS)
     total = (g_hat * 0).sum()   # 0 with a gradient path to g_now when no frame is valid
     # One (N, N) pair of maps at a time, valid frames only: the working set stays in cache, and the teacher's map
-    # needs no autograd. About 1.5x faster than the batched (B, K, N, N) form in the demo student's step
-    # (N = 1024, K = 3, 2-core CPU: 141 → 94 ms forward + backward, adapter included).
+    # needs no autograd. About 1.5x faster than the batched (B, K, N, N) form on the demo student (N = 1024,
+    # K = 3, 2-core CPU: 126 → 83 ms forward + backward with the adapter; benchmarks/loss_terms.py).
     for i, k in valid.nonzero().tolist():
         past_t = F.normalize(f_past[i, k], dim=-1, eps=_NORM_EPS).t() / tau   # (D, N), τ folded in once
         with torch.no_grad():

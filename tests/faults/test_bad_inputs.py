@@ -27,13 +27,13 @@ from pipelines.cli import main as data_main
 from pipelines.config import flatten, from_dict, to_dict
 from pipelines.nuscenes import SampleIndex, SampleInfo
 from stxd_cache.cli import main as cache_main
-from stxd_cache.store import open_cache
+from stxd_cache.store import is_complete
 from stxd_cache.teacher.checkpoint import load_teacher
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
 from stxd_train.cli import main as train_main
 from stxd_train.fit import StudentRunConfig
-from tiny import BIN, CACHE, SPLITS, TINY_TEACHER, cli_error, tiny_student
+from tiny import BIN, CACHE, SPLITS, TINY_TEACHER, cache_config_file, cli_error, extract_args, tiny_student
 
 VERSION = "v1.0-synth"
 
@@ -63,17 +63,6 @@ def write_table(root: Path, name: str, records: list[dict[str, Any]]) -> None:
     (root / VERSION / f"{name}.json").write_text(json.dumps(records))
 
 
-def cache_yaml(tmp_path: Path) -> Path:
-    path = tmp_path / "cache.yaml"
-    path.write_text(yaml.safe_dump(dataclasses.asdict(CACHE)))
-    return path
-
-
-def extract_args(root: Path, teacher: Path, out: Path, config: Path, *extra: object) -> list[object]:
-    return ["extract", "--dataroot", root, "--version", VERSION, "--splits", ",".join(SPLITS), "--teacher", teacher,
-            "--config", config, "--out", out, "--device", "cpu", *extra]
-
-
 def student_yaml(tmp_path: Path, distill: bool = True, **model: object) -> Path:
     raw = tiny_student("bevformer", **model)
     raw["train"]["max_steps"] = 1
@@ -91,7 +80,7 @@ def fit_args(config: Path, root: Path, out: Path, *extra: object) -> list[object
 
 def assert_not_complete(store: Path) -> None:
     """Nothing at `store`, or a cache whose `complete` flag is false."""
-    assert not store.exists() or not open_cache(store).meta.complete
+    assert not is_complete(store)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +113,7 @@ def test_lidar_file_of_the_wrong_size(damage: Any, found: str, tmp_path: Path, s
     assert f"sample_data {record['token']}: {path} has {size} bytes, expected a non-zero multiple of 20" \
         in check_problems(root)
     store = tmp_path / "cache.zarr"
-    message = cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_yaml(tmp_path)))
+    message = cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_config_file(tmp_path)))
     assert f"LiDAR file {path} " in message and found in message
     assert "expected a non-zero multiple of 20 bytes (5 float32 per point)" in message
     assert_not_complete(store)
@@ -148,7 +137,7 @@ def test_non_finite_points_are_refused_naming_file_and_count(tmp_path: Path, syn
     root, path = _non_finite_root(synth_root, tmp_path, first_sample)
     count = len(np.fromfile(path, dtype=np.float32)) // 5
     store = tmp_path / "cache.zarr"
-    message = cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_yaml(tmp_path)))
+    message = cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_config_file(tmp_path)))
     assert (f"LiDAR file {path} holds 2 non-finite values (NaN or ±inf) in 2 of its {count} points (first at "
             "point 10)") in message
     assert "the file is corrupt; re-download or re-generate it" in message
@@ -224,7 +213,7 @@ def test_dangling_tokens_are_listed_and_refused(case: str, tmp_path: Path, synth
     listed = check_problems(root)
     assert problem in listed and f"{referrer} → '{missing}'" in listed
     store = tmp_path / "cache.zarr"
-    for message in (cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_yaml(tmp_path))),
+    for message in (cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_config_file(tmp_path))),
                     cli_error(train_main, *fit_args(student_yaml(tmp_path), root, tmp_path / "run", "--cache",
                                                     cache))):
         assert f"'{missing}'" in message
@@ -256,7 +245,7 @@ def test_filenames_outside_the_root_are_refused(channel: str, kind: str, tmp_pat
     write_table(root, "sample_data", records)
     assert f"sample_data {record['token']}: filename '{name}' points outside the root" in check_problems(root)
     store, run = tmp_path / "cache.zarr", tmp_path / "run"
-    for message in (cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_yaml(tmp_path))),
+    for message in (cli_error(cache_main, *extract_args(root, teacher_ckpt, store, cache_config_file(tmp_path))),
                     cli_error(train_main, *fit_args(student_yaml(tmp_path), root, run, "--cache", cache))):
         assert (f"sample_data {record['token']} has the filename '{name}', which points outside the dataset root "
                 f"{root}") in message
@@ -290,7 +279,7 @@ def test_every_student_and_cache_field_of_the_wrong_type_is_named(tmp_path: Path
         message = cli_error(train_main, *fit_args(student, synth_root, tmp_path / "run", "--set",
                                                   f"{key}={_wrong(value)}"))
         assert message.startswith(f"{student}.{key}") and ": found " in message and ", expected " in message, key
-    config = cache_yaml(tmp_path)
+    config = cache_config_file(tmp_path)
     for key, value in dataclasses.asdict(CACHE).items():
         message = cli_error(cache_main, *extract_args(synth_root, teacher_ckpt, tmp_path / "c.zarr", config,
                                                       "--set", f"{key}={_wrong(value)}"))
@@ -375,8 +364,8 @@ def test_mmdet3d_checkpoint_with_one_tensor_of_the_wrong_shape(tmp_path: Path, s
     bad = tmp_path / "bad.pth"
     torch.save({"state_dict": state, "meta": {"mmdet3d_version": "1.0.0rc4"}}, bad)
     store = tmp_path / "cache.zarr"
-    message = cli_error(cache_main, *extract_args(synth_root, bad, store, cache_yaml(tmp_path), "--teacher-config",
-                                                  teacher_yaml))
+    args = extract_args(synth_root, bad, store, cache_config_file(tmp_path), "--teacher-config", teacher_yaml)
+    message = cli_error(cache_main, *args)
     assert f"teacher checkpoint {bad} (mmdet3d) does not fit the teacher architecture" in message
     assert f"mis-shaped keys: backbone.blocks.1.0.weight: checkpoint {wrong} vs model {right}" in message
     assert "missing keys" not in message and "unexpected keys" not in message
@@ -405,7 +394,7 @@ def test_pickled_code_in_a_checkpoint_never_runs_without_trust(tmp_path: Path, s
     refused = "holds objects that safe loading refuses (Unsupported global: GLOBAL exec was not an allowed global"
 
     store = tmp_path / "cache.zarr"
-    message = cli_error(cache_main, *extract_args(synth_root, teacher, store, cache_yaml(tmp_path)))
+    message = cli_error(cache_main, *extract_args(synth_root, teacher, store, cache_config_file(tmp_path)))
     assert message.startswith(f"teacher checkpoint {teacher} {refused}")
     assert "none of its code ran" in message and "pass --trust-checkpoint to unpickle it" in message
     assert not store.exists() and not marker.exists()

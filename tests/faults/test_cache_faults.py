@@ -28,7 +28,7 @@ from stxd_cache.errors import CacheCorruptError, CacheIncompleteError
 from stxd_cache.schema import ATTRS_KEY
 from stxd_cache.store import open_cache
 from stxd_cache.verify import verify
-from tiny import BIN, cache_config_file, extract_args, flip_byte_of_row
+from tiny import BIN, cache_config_file, error_paragraph, extract_args, flip_byte_of_row, shard_path
 
 # Importing torch and spconv costs about 8 s of CPU here, so every `stxd-cache` process below is forked from a
 # server that imported them once; the process then runs `stxd_cache.cli.main` on its arguments, which is all the
@@ -153,12 +153,6 @@ def _assert_same_store(expected: Path, actual: Path) -> None:
     assert roots[0] == roots[1]
 
 
-def _error_paragraph(stderr: str) -> str:
-    """The one-paragraph `error: ...` that ends stderr (torch may log a warning line before it), unwrapped."""
-    assert "Traceback" not in stderr and "error: " in stderr, stderr
-    return " ".join(stderr[stderr.index("error: "):].split())
-
-
 # ------------------------------------------------------------------------------------------------- kill, resume
 
 
@@ -237,9 +231,9 @@ def test_a_full_disk_fails_cleanly_then_resumes_to_the_same_store(
     out = tmp_path / "full.zarr"
     argv = extract_args(synth_root, teacher_ckpt, out, cache_config_file(tmp_path))  # the `cache` fixture's config
     code, _, err = _run(processes, argv, tmp_path / "full", **fault)
-    message = _error_paragraph(err)
+    message = error_paragraph(err)
     assert code == 2, err
-    assert message.startswith(f"error: cache {out}: writing {writing}"), message
+    assert message.startswith(f"cache {out}: writing {writing}"), message
     assert "failed: the disk is full ([Errno 28] No space left on device); free space on the disk that holds the " \
            "cache, then re-run the same `stxd-cache extract` command: it keeps the rows already done" in message
     assert _assert_not_complete(out) == state
@@ -265,7 +259,7 @@ def test_a_full_disk_with_debug_shows_the_traceback(processes: Any, synth_root: 
 
 def _damage(copy: Path, how: str) -> None:
     """Damage the `bev` of rows 4..7 of a copy of the `cache` fixture (4 rows per shard)."""
-    shard = copy / "bev" / "c" / "1" / "0" / "0" / "0"
+    shard = shard_path(copy / "bev", 5, rows_per_shard=4)
     if how == "flipped-byte":
         flip_byte_of_row(copy / "bev", 5, rows_per_shard=4)
     elif how == "deleted":
@@ -397,7 +391,7 @@ def test_extract_into_a_complete_cache_writes_nothing(processes: Any, synth_root
     assert "nothing was extracted or written" in stdout
     code, _, err = _run(processes, [*argv, "--set", "token_grid=2"], tmp_path / "other")
     assert code == 2
-    message = _error_paragraph(err)
-    assert f"error: cache {copy} was made for something else" in message and \
+    message = error_paragraph(err)
+    assert message.startswith(f"cache {copy} was made for something else") and \
            "token_grid: store has 4, requested 2" in message, message
     assert _stamps(copy) == before

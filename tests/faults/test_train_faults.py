@@ -13,14 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from stxd_cache.store import open_cache
 from stxd_train.cli import main as train_main
-from tiny import BIN, cli_error, tiny_student
+from tiny import BIN, cli_error, flip_byte_of_row, shard_path, tiny_student
 
 VERSION = "v1.0-synth"
 DISTILL = {"terms": ["cd", "td", "rd"], "alpha_cd": 0.1, "k": 2}
@@ -115,27 +114,16 @@ def _fit_fails(*args: object) -> str:
     return cli_error(train_main, "fit", *args)
 
 
-def _bev_shard(store: Path, row: int, rows_per_shard: int) -> Path:
-    return store / "bev" / "c" / str(row // rows_per_shard) / "0" / "0" / "0"
-
-
 def _flip_byte(store: Path, row: int, rows_per_shard: int) -> None:
-    """Flip one byte in the middle of row `row`'s compressed chunk, found through the shard index (the trailing
-    (offset, size) uint64 pairs of the shard's chunks, then its crc32c)."""
-    shard = _bev_shard(store, row, rows_per_shard)
-    data = bytearray(shard.read_bytes())
-    index = np.frombuffer(bytes(data[-(16 * rows_per_shard + 4):-4]), "<u8").reshape(rows_per_shard, 2)
-    offset, size = (int(v) for v in index[row % rows_per_shard])
-    data[offset + size // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_byte_of_row(store / "bev", row, rows_per_shard)
 
 
 def _delete_shard(store: Path, row: int, rows_per_shard: int) -> None:
-    _bev_shard(store, row, rows_per_shard).unlink()
+    shard_path(store / "bev", row, rows_per_shard).unlink()
 
 
 def _truncate_shard(store: Path, row: int, rows_per_shard: int) -> None:
-    shard = _bev_shard(store, row, rows_per_shard)
+    shard = shard_path(store / "bev", row, rows_per_shard)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
