@@ -26,6 +26,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 demo: venv
+	mkdir -p $(DEMO_OUT)
 	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(DEMO_OUT)/data --version v1.0-synth --no-files
 	$(MAKE) $(DEMO_OUT)/teacher/teacher.pt
@@ -58,6 +59,7 @@ $(DEMO_OUT)/bevformer_stxd/student.pt:
 		--set "distill.terms=[cd,td,rd]"
 
 smoke: venv
+	mkdir -p $(OUT)
 	$(BIN)/stxd-data synth --config configs/data/synth_tiny.yaml --out $(OUT)/data --reuse
 	$(BIN)/stxd-data check --dataroot $(OUT)/data --version v1.0-synth
 	rm -rf $(OUT)/teacher $(OUT)/cache.zarr $(OUT)/student
@@ -76,6 +78,7 @@ smoke: venv
 # The four benchmarks in their quick mode (7.5 to 10 minutes on 2 cores) → BENCHMARKS.md. Uses the demo teacher
 # and cache when `make demo` made them, else a teacher trained for 10 steps and its cache in out/bench.
 bench: venv
+	mkdir -p $(DEMO_OUT) out/bench
 	$(BIN)/stxd-data synth --config configs/data/synth.yaml --out $(DEMO_OUT)/data --reuse
 	$(BIN)/python benchmarks/run_all.py --quick --dataroot $(DEMO_OUT)/data --work out/bench --out BENCHMARKS.md
 

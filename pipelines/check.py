@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,10 +147,32 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True, 
     return report
 
 
+def link_outside_root(root: Path, path: Path) -> Path | None:
+    """Where `path` really is, when it is a symbolic link that leads out of the dataset root; else None.
+
+    The same rule as for table filenames (`escapes_root`), applied to the file system: a table's file must lie
+    inside the root. A link into the root, or next to itself in the folder it sits in (the folder may be a link
+    to another disk, as `samples/` often is), is fine.
+    """
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    for base in (Path(os.path.realpath(root)), Path(os.path.realpath(path.parent))):
+        if base == target or base in target.parents:
+            return None
+    return target
+
+
 def _check_file(root: Path, sd: dict[str, Any], report: CheckReport) -> None:
     path = root / sd.get("filename", "")
     if not path.is_file():
         report.add(f"sample_data {sd.get('token')}: file {path} is missing")
+        return
+    outside = link_outside_root(root, path)
+    if outside is not None:
+        report.add(f"sample_data {sd.get('token')}: file {path} is a symbolic link to {outside}, outside the "
+                   f"dataset root {root}; a table's files must lie inside the root: put the file itself there "
+                   "(or a link to a file inside the root)")
         return
     if sd.get("fileformat") == "pcd" and path.name.endswith(".pcd.bin"):
         size = path.stat().st_size

@@ -138,7 +138,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set scenes=4")
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        # Python tags (`!!python/...`) land here too: safe loading refuses them without running anything.
+        found = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"--set {text!r}: the value {raw!r} is not a plain YAML value ({found}); only plain values "
+                          "are accepted (numbers, true/false, strings, [lists], {mappings}): quote it to pass it as "
+                          "a string, or fix it") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

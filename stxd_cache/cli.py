@@ -59,7 +59,13 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
 
     was_complete = is_complete(out)
     start = time.perf_counter()
-    meta = run_extract(job, workers=workers, scheduler=scheduler, progress=progress)
+    try:
+        meta = run_extract(job, workers=workers, scheduler=scheduler, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"interrupted: {_rows_done(out)} of {out} are written; re-run the same command to resume from "
+                   "there", err=True)
+        raise SystemExit(130) from None
     bar.close()
     seconds = time.perf_counter() - start
     if was_complete:
@@ -71,6 +77,18 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({extracted} extracted now in "
                f"{seconds:.1f} s), {info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression "
                f"x{info['compression_ratio']:.2f}")
+
+
+def _rows_done(path: str) -> str:
+    """"N of S rows" done in the cache at `path`, for the message of an interrupted extraction."""
+    from stxd_cache.errors import CacheError
+    from stxd_cache.store import open_cache
+
+    try:
+        reader = open_cache(path)
+    except CacheError:
+        return "no rows"
+    return f"{int(reader.done_count)} of {len(reader)} rows"
 
 
 @main.command()
@@ -132,9 +150,11 @@ def verify(cache: str, dataroot: str | None, version: str | None) -> None:
 @click.option("--min-score", default=0.3, show_default=True, help="Teacher boxes drawn above this score.")
 def show(cache: str, token: str, out: str, dataroot: str | None, version: str | None, min_score: float) -> None:
     """Render the teacher BEV (PCA to RGB) with its boxes, and the GT outlines when --dataroot is given."""
+    from pipelines.paths import check_output_path
     from stxd_cache.render import render_record
     from stxd_cache.store import open_cache
 
+    check_output_path(out, inputs={"the cache": cache, "--dataroot": dataroot})
     reader = open_cache(cache)
     record = reader.read(reader.index_of(token))
     gt = None

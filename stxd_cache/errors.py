@@ -41,6 +41,10 @@ class CacheWriteError(CacheError):
     Rows already done stay done, so re-running the same extraction once the cause is fixed resumes."""
 
 
+class CacheLockedError(CacheError):
+    """A cache that another process is writing: one writer per store."""
+
+
 class CacheReadOnlyError(CacheError):
     """A write into a cache that is complete (finalised); complete caches are never modified."""
 

@@ -9,6 +9,7 @@ process builds the teacher once and takes units from the scheduler.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -145,11 +146,11 @@ def build_meta(job: ExtractJob, index: SampleIndex, extractor: _Extractor) -> An
         precision=job.cfg.precision, k_max=job.cfg.k_max)
 
 
-def _open_writer(job: ExtractJob, index: SampleIndex, extractor: _Extractor) -> Any:
+def _open_writer(job: ExtractJob, index: SampleIndex, extractor: _Extractor, lock: Any = None) -> Any:
     from stxd_cache.store import create_or_resume
 
     return create_or_resume(job.out, build_meta(job, index, extractor), index.tokens, prev_rows(index, job.cfg.k_max),
-                            rows_per_shard=job.cfg.rows_per_shard, zstd_level=job.cfg.zstd_level)
+                            rows_per_shard=job.cfg.rows_per_shard, zstd_level=job.cfg.zstd_level, lock=lock)
 
 
 def extract(job: ExtractJob, *, workers: int = 0, scheduler: str | None = None,
@@ -162,25 +163,29 @@ def extract(job: ExtractJob, *, workers: int = 0, scheduler: str | None = None,
         scheduler: address of a running dask scheduler to join instead (tcp://host:port).
         progress: called with the number of rows finished after each unit.
     """
+    from pipelines.paths import check_output_path
+    from stxd_cache.errors import CacheReadOnlyError
+    from stxd_cache.store import WriterLock, open_cache
+
+    check_output_path(job.out, inputs={"--dataroot": job.dataroot, "--teacher": job.teacher_path})
     index = SampleIndex.load(job.dataroot, job.version, job.splits, k_prev=job.cfg.k_max)
     if len(index) == 0:
         raise DatasetError(f"no samples in split(s) {', '.join(job.splits)} of {job.dataroot} ({job.version}); "
                            "check --splits (stxd-data index lists them)")
-    from stxd_cache.errors import CacheReadOnlyError
-    from stxd_cache.store import open_cache
-
     extractor = _Extractor(job, index)
-    try:
-        writer = _open_writer(job, index, extractor)
-    except CacheReadOnlyError:   # same fingerprint, already complete: nothing to do
-        return open_cache(job.out).meta
-    units = writer.pending_units()
-    if units and (workers > 0 or scheduler):
-        _extract_dask(job, units, workers, scheduler, progress)
-    elif units:
-        _extract_local(extractor, writer, units, progress)
-    writer.finalize()
-    return writer.meta
+    # Taken before the store is created or resumed, held until it is finalised; dask workers write under it.
+    with WriterLock(job.out) as lock:
+        try:
+            writer = _open_writer(job, index, extractor, lock)
+        except CacheReadOnlyError:   # same fingerprint, already complete: nothing to do
+            return open_cache(job.out).meta
+        units = writer.pending_units()
+        if units and (workers > 0 or scheduler):
+            _extract_dask(job, units, workers, scheduler, progress)
+        elif units:
+            _extract_local(extractor, writer, units, progress)
+        writer.finalize()
+        return writer.meta
 
 
 def _extract_local(extractor: _Extractor, writer: Any, units: list[range],
@@ -244,13 +249,25 @@ def local_cluster(workers: int) -> Any:
     the thread limits of dask's default and glibc's own trim threshold. Workers of a cluster joined with
     `--scheduler` are configured by whoever started them.
     """
+    import logging
+
     import dask
     from distributed import LocalCluster
 
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
                if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    # A terminal's Ctrl-C reaches the whole process group. The worker processes, started while SIGINT is ignored,
+    # keep ignoring it, so that this process alone stops them (closing the cluster) instead of each one printing its
+    # own KeyboardInterrupt traceback; dask's logs are limited to errors for the same reason.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                silence_logs=logging.ERROR)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _extract_dask(job: ExtractJob, units: list[range], workers: int, scheduler: str | None,
@@ -269,6 +286,11 @@ def _extract_dask(job: ExtractJob, units: list[range], workers: int, scheduler: 
             done = fut.result()
             if progress:
                 progress(done)
+    except KeyboardInterrupt:
+        import logging
+
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)   # shutting down: no warnings about it
+        raise
     finally:
         client.close()
         if cluster is not None:

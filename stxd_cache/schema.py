@@ -8,6 +8,7 @@ token column `col` (along x), i.e. the P×P pooled map flattened in C order, cha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +23,12 @@ from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid
 from stxd_cache.errors import RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ATTRS_KEY = "stxd"
+#: Group attribute beside `stxd`: sha256 (hex) of the fingerprint the rows were written with (`fingerprint_digest`).
+FINGERPRINT_KEY = "stxd_fingerprint_sha256"
+#: Bytes kept of each row digest (a truncated sha256).
+DIGEST_BYTES = 16
 PRECISIONS = ("fp16", "int8")
 BOX_DIM = 9
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -246,6 +251,13 @@ def fingerprint_differences(stored: Mapping[str, Any], requested: Mapping[str, A
     return lines
 
 
+def fingerprint_digest(meta: CacheMeta) -> bytes:
+    """sha256 of the canonical JSON of `meta.fingerprint`: what every row digest is bound to, and what the group
+    attribute `stxd_fingerprint_sha256` records, so that an edit of the metadata is caught when the cache opens."""
+    text = json.dumps(meta.fingerprint, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).digest()
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of the cache: its row shape and how it is stored."""
@@ -266,9 +278,19 @@ class ArraySpec:
 #: Rows per chunk (rounded to a multiple of R) of `sample_token` and `prev_index`, which only creation writes.
 INDEX_CHUNK_ROWS = 1024
 
-#: Arrays written by `write_unit` (all but `sample_token` and `prev_index`, written at creation, and `done`).
+#: Arrays written by `write_unit` (all but `sample_token` and `prev_index`, written at creation, and `done`), in
+#: writing order: `digest` last, then `done`, so that a row is only taken as written once its digest is there.
 UNIT_ARRAYS = ("bev", "bev_scale", "bev_offset", "tokens", "boxes", "box_scores", "box_labels", "box_probs",
-               "box_count")
+               "box_count", "digest")
+
+
+_INT8_ONLY = ("bev_scale", "bev_offset")
+
+
+def digested_arrays(meta: CacheMeta) -> tuple[str, ...]:
+    """The arrays that `digest` covers, in the order of its second axis: every unit array of this precision."""
+    return tuple(n for n in UNIT_ARRAYS if n != "digest" and (meta.precision == "int8" or n not in _INT8_ONLY))
+
 
 
 def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
@@ -287,9 +309,11 @@ def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
         ArraySpec("box_labels", (m,), "int16", -1, ("sample", "box"), "row"),
         ArraySpec("box_probs", (m, meta.num_classes), "float16", 0.0, ("sample", "box", "class"), "row"),
         ArraySpec("box_count", (), "int32", 0, ("sample",), "unit"),
+        ArraySpec("digest", (len(digested_arrays(meta)), DIGEST_BYTES), "uint8", 0, ("sample", "array", "byte"),
+                  "unit"),
         ArraySpec("done", (), "bool", False, ("sample",), "unit"),
     ]
-    return {s.name: s for s in specs if s.name not in ("bev_scale", "bev_offset") or int8}
+    return {s.name: s for s in specs if s.name not in _INT8_ONLY or int8}
 
 
 def rows_per_file(spec: ArraySpec, rows_per_shard: int) -> int:
@@ -442,7 +466,39 @@ def encode_record(record: TeacherRecord, meta: CacheMeta, token: str) -> dict[st
     row["boxes"], row["box_scores"] = top["boxes"], top["scores"]
     row["box_labels"], row["box_probs"] = top["labels"].astype(np.int16), top["probs"].astype(np.float16)
     row["box_count"] = np.asarray(top["count"], np.int32)
+    bound = fingerprint_digest(meta)
+    row["digest"] = np.stack([row_digest(bound, token, name, row[name]) for name in digested_arrays(meta)])
     return row
+
+
+def row_digest(bound: bytes, token: str, name: str, value: np.ndarray) -> np.ndarray:
+    """(DIGEST_BYTES,) uint8: truncated sha256 of one stored row of array `name`, bound to its sample token and to
+    the cache's fingerprint (`bound`, from `fingerprint_digest`: the teacher's checksum and config, the grid, ...).
+
+    Checksums catch flipped bits; this catches content that decodes cleanly but belongs elsewhere: rows swapped
+    between samples, shards copied from another teacher's cache, values edited in place.
+    """
+    h = hashlib.sha256(bound)
+    h.update(token.encode() + b"\0" + name.encode() + b"\0")
+    h.update(np.ascontiguousarray(value).tobytes())
+    return np.frombuffer(h.digest()[:DIGEST_BYTES], np.uint8).copy()
+
+
+def digest_problems(block: Mapping[str, np.ndarray], meta: CacheMeta, tokens: Sequence[str],
+                    check: np.ndarray) -> list[tuple[int, str]]:
+    """(position in block, what is wrong) for the rows whose stored values do not match their digest.
+
+    block: the rows of every `UNIT_ARRAYS` array, as stored; tokens: the sample token of each row of the block.
+    """
+    bound, names = fingerprint_digest(meta), digested_arrays(meta)
+    out = []
+    for k in np.flatnonzero(check):
+        wrong = [n for j, n in enumerate(names)
+                 if not np.array_equal(row_digest(bound, tokens[k], n, block[n][k]), block["digest"][k, j])]
+        if wrong:
+            out.append((int(k), f"{', '.join(f'`{n}`' for n in wrong)} do not match the row's digest: the values "
+                                "belong to another sample or another teacher's cache, or were edited"))
+    return out
 
 
 def top_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, probs: np.ndarray,
@@ -495,8 +551,9 @@ def prev_index_problems(prev: np.ndarray, *, scenes: Sequence[str] | None = None
         for i, s in enumerate(scene.tolist()):
             nearest[i] = last.get(s, -1)
             last[s] = i
-        safe = np.where(valid, prev, 0)
-        flag((valid & (scene[safe] != scene[:, None])).any(axis=1),
+        inside = valid & (prev < n)   # rows past the end are flagged above; they index nothing here
+        safe = np.where(inside, prev, 0)
+        flag((inside & (scene[safe] != scene[:, None])).any(axis=1),
              lambda i: f"links {prev[i].tolist()} leave scene {scene[i]!r}")
         flag(prev[:, 0] != nearest,
              lambda i: f"first link is {prev[i, 0]}; expected {nearest[i]}, the nearest earlier row of the scene")
@@ -504,9 +561,10 @@ def prev_index_problems(prev: np.ndarray, *, scenes: Sequence[str] | None = None
         ts = np.asarray(timestamps, dtype=np.int64)
         if ts.shape != (n,):
             raise ValueError(f"timestamps has shape {ts.shape}; expected ({n},), one per row")
-        chain = np.concatenate([rows[:, None], np.where(valid, prev, 0)], axis=1)
+        inside = valid & (prev < n)
+        chain = np.concatenate([rows[:, None], np.where(inside, prev, 0)], axis=1)
         times = ts[chain]
-        flag((valid & (times[:, 1:] >= times[:, :-1])).any(axis=1),
+        flag((inside & (times[:, 1:] >= times[:, :-1])).any(axis=1),
              lambda i: f"links {prev[i].tolist()} are not strictly earlier in time, nearest first")
     return sorted(found.items())
 

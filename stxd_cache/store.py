@@ -12,8 +12,12 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import json
 import os
 import re
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +32,7 @@ from stxd_cache.errors import (
     CacheCorruptError,
     CacheError,
     CacheIncompleteError,
+    CacheLockedError,
     CacheReadOnlyError,
     CacheWriteError,
     FingerprintMismatchError,
@@ -37,6 +42,7 @@ from stxd_cache.errors import (
 )
 from stxd_cache.schema import (
     ATTRS_KEY,
+    FINGERPRINT_KEY,
     SCHEMA_VERSION,
     UNIT_ARRAYS,
     CacheLayout,
@@ -47,22 +53,28 @@ from stxd_cache.schema import (
     TeacherRecord,
     array_specs,
     decode_bev,
+    digested_arrays,
     encode_record,
     fingerprint_differences,
+    fingerprint_digest,
     prev_index_problems,
+    row_digest,
     rows_per_file,
     work_units,
 )
 
 __all__ = [
     "CacheLayout", "CacheMeta", "CacheReader", "CacheRecord", "CacheWriter", "DatasetInfo", "TeacherInfo",
-    "TeacherRecord", "create_or_resume", "open_cache",
+    "TeacherRecord", "WriterLock", "create_or_resume", "open_cache",
 ]
 
 DEFAULT_LAYOUT = CacheLayout()
 # Written into the group attributes while arrays are being created, replaced by `stxd` when creation finishes:
 # a store holding only this marker is an interrupted creation, which `create_or_resume` may redo.
 _CREATING_KEY = "stxd_creating"
+# Who holds the writer lock (pid, host, since), recorded while a store is being written so that a second writer's
+# error can name it; finalize drops it.
+_WRITER_KEY = "stxd_writer"
 _MAX_PROBLEMS = 100
 # zarr's LocalStore writes each object to `<name>.<32 hex digits>.partial`, then renames it into place: a process
 # killed in between leaves that temporary file behind, and `finalize` removes it.
@@ -102,10 +114,23 @@ def _read_meta(group: zarr.Group, path: str) -> CacheMeta:
         raise CacheError(f"cache {path} has schema_version {version!r}; this stxd reads schema {SCHEMA_VERSION} "
                          "only; re-extract the cache with this stxd, or use the stxd version that wrote it")
     try:
-        return CacheMeta.from_dict(stored)
+        meta = CacheMeta.from_dict(stored)
     except ConfigError as exc:
         raise CacheCorruptError(f"cache {path}: group attribute `{ATTRS_KEY}` is invalid: {exc}; the metadata was "
                                 "edited or damaged; re-extract the cache") from None
+    stored_digest, digest = str(attrs.get(FINGERPRINT_KEY)), fingerprint_digest(meta).hex()
+    if stored_digest != digest:
+        raise CacheCorruptError(
+            f"cache {path}: the metadata (group attribute `{ATTRS_KEY}`: grid, teacher, dataset, ...) does not match "
+            f"the fingerprint its rows were written with (attribute `{FINGERPRINT_KEY}` is {stored_digest[:16]!r}..., "
+            f"the metadata hashes to {digest[:16]!r}...): it was edited or replaced after extraction, so the rows "
+            "cannot be trusted to mean what it says; re-extract the cache")
+    return meta
+
+
+def _attributes(meta: CacheMeta, **extra: Any) -> dict[str, Any]:
+    """The group attributes of a cache with metadata `meta` (plus `extra` keys)."""
+    return {ATTRS_KEY: meta.to_dict(), FINGERPRINT_KEY: fingerprint_digest(meta).hex(), **extra}
 
 
 def _s_extent(array: Any) -> int:
@@ -273,7 +298,7 @@ class CacheWriter:
         with _writing(self.path, "the `complete` flag"):
             _remove_temp_files(self.path)
             # One metadata document rewritten in one put: the flag flips atomically (LocalStore writes via rename).
-            self._group.attrs.put({ATTRS_KEY: meta.to_dict()})
+            self._group.attrs.put(_attributes(meta))
         self.meta = meta
 
     def _check_writable(self) -> None:
@@ -311,7 +336,7 @@ def _check_inputs(meta: CacheMeta, sample_tokens: Sequence[str], prev_index: np.
 
 def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_tokens: Sequence[str],
                      prev_index: np.ndarray, *, rows_per_shard: int | None = None,
-                     zstd_level: int | None = None) -> CacheWriter:
+                     zstd_level: int | None = None, lock: WriterLock | None = None) -> CacheWriter:
     """A writer for the cache at `path`: created if absent (or an empty folder), resumed if its fingerprint, sample
     tokens and prev_index match.
 
@@ -321,23 +346,90 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
         prev_index: (S, k_max) row of the k-th previous keyframe in the same scene, -1 if none.
         rows_per_shard, zstd_level: layout of a new cache (default 8 and 3). A resumed cache keeps its own layout;
             a value given here that differs from it is an error.
+        lock: the `WriterLock` this process holds on `path`; its holder is recorded in the store, so that a second
+            writer's error names it. Processes that write units under another process's lock (dask workers) pass
+            None.
     """
     path = os.fspath(path)
     tokens, prev = _check_inputs(meta, sample_tokens, prev_index)
     group = _existing_group(path)
     if group is not None and (ATTRS_KEY in group.attrs or _CREATING_KEY not in group.attrs):
-        return _resume(path, group, meta, tokens, prev, rows_per_shard, zstd_level)
+        writer = _resume(path, group, meta, tokens, prev, rows_per_shard, zstd_level)
+        if lock is not None:
+            with _writing(path, "the writer's name"):
+                group.attrs.update({_WRITER_KEY: lock.holder})
+        return writer
     layout = CacheLayout(rows_per_shard=rows_per_shard or DEFAULT_LAYOUT.rows_per_shard,
                          zstd_level=zstd_level or DEFAULT_LAYOUT.zstd_level)
     created = meta.created or datetime.now(UTC).isoformat(timespec="seconds")
     meta = dataclasses.replace(meta, layout=layout, created=created, complete=False)
+    holder = {_WRITER_KEY: lock.holder} if lock is not None else {}
     with _writing(path, "the new store"):
-        group = zarr.open_group(path, mode="w", zarr_format=3, attributes={_CREATING_KEY: True})
+        # Mode "a", never "w": "w" clears whatever the path holds. Only an empty folder or a creation of our own that
+        # was interrupted (marked `stxd_creating`) gets here, and its arrays are replaced one by one.
+        group = zarr.open_group(path, mode="a", zarr_format=3)
+        group.attrs.put({_CREATING_KEY: True, **holder})
+        for stale in set(group.array_keys()) - set(array_specs(meta)):
+            del group[stale]
         _create_arrays(group, meta)
         group["sample_token"][:] = np.asarray(tokens, dtype=object)
         group["prev_index"][:] = prev
-        group.attrs.put({ATTRS_KEY: meta.to_dict()})
+        group.attrs.put(_attributes(meta, **holder))
     return CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
+
+
+class WriterLock:
+    """One writer per store: an exclusive `flock` on the store's folder, held while a process extracts into it.
+
+    The folder is created when absent (its parent must exist). The system releases the lock when the holder exits,
+    however it dies, so a killed extraction never blocks the next one, which resumes. A second writer fails at
+    once with `CacheLockedError`, naming the holder's pid and host. Remote stores (`scheme://`) are not locked;
+    nor are folders on file systems without `flock` (some network mounts), which are reported as such.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriterLock:
+        if "://" in self.path:
+            return self
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.path)
+        if not os.path.isdir(self.path):
+            raise NotACacheError(f"{self.path} is a file, not a teacher cache (a Zarr v3 directory); choose another "
+                                 "path")
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLockedError(
+                f"cache {self.path} is being written by another extraction ({self._other_holder()}); one writer per "
+                "store: wait for it to finish, or stop it and re-run this command, which resumes where it stopped "
+                "(a writer that died holds no lock)") from None
+        except OSError as exc:
+            os.close(fd)
+            raise CacheWriteError(f"cache {self.path}: the file system refused a lock on the folder ({exc}); extract "
+                                  "onto a local disk, then copy the complete cache") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor releases the flock
+            self._fd = None
+
+    def _other_holder(self) -> str:
+        for _ in range(20):   # the holder may be between taking the lock and recording its name
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                with open(os.path.join(self.path, "zarr.json")) as f:
+                    who = json.load(f)["attributes"][_WRITER_KEY]
+                return f"pid {who['pid']} on host {who['host']}, since {who['since']}"
+            time.sleep(0.05)
+        return "a process that has not recorded its name yet"
 
 
 def _existing_group(path: str) -> zarr.Group | None:
@@ -348,7 +440,7 @@ def _existing_group(path: str) -> zarr.Group | None:
         except FileNotFoundError:
             return None
     if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
-        return None
+        return None   # nothing there yet, or the empty folder that `WriterLock` made
     return _open_group(path, "r+")
 
 
@@ -385,7 +477,7 @@ def _resume(path: str, group: zarr.Group, meta: CacheMeta, tokens: list[str], pr
 # ------------------------------------------------------------------------------------------------------ reading
 
 _RECORD_ARRAYS = ("bev", "tokens", "boxes", "box_scores", "box_labels", "box_probs", "box_count")
-"""Per-sample arrays a `CacheRecord` is made of (the past frames add rows of `tokens`)."""
+"""Per-sample arrays a `CacheRecord` is made of (the past frames add rows of `tokens`); `digest` checks them."""
 
 
 class CacheReader:
@@ -398,11 +490,18 @@ class CacheReader:
         self.tokens: list[str] = [str(t) for t in self._rows("sample_token", None)]
         self._index = {t: i for i, t in enumerate(self.tokens)}
         self._prev = np.asarray(self._rows("prev_index", None))
+        self._bound = fingerprint_digest(meta)
+        self._digest_column = {name: j for j, name in enumerate(digested_arrays(meta))}
         # A damaged `done` chunk costs only its own rows: they read as not done and `read` names them.
         self._done, self._done_readable = _read_checked(self._arrays["done"], range(len(self.tokens)))
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def done_count(self) -> int:
+        """Rows whose `done` flag is set."""
+        return int(self._done.sum())
 
     def index_of(self, token: str) -> int:
         """Row of a sample token."""
@@ -468,18 +567,74 @@ class CacheReader:
                                        f"sample {self.tokens[i]} are not written yet; finish the extraction first")
         int8 = self.meta.precision == "int8"
         past_rows = past[valid].tolist()
-        requests = [(name, i) for name in _RECORD_ARRAYS + (("bev_scale", "bev_offset") if int8 else ())]
-        values = self._read_rows(requests + [("tokens", r) for r in past_rows])
-        row = dict(zip((name for name, _ in requests), values, strict=False))
+        own = [(name, i) for name in _RECORD_ARRAYS + (("bev_scale", "bev_offset") if int8 else ())]
+        requests = own + [("tokens", r) for r in past_rows]
+        values = self._read_rows(requests + [("digest", r) for r in needed])
+        self._check_digests(requests, values, dict(zip(needed, values[len(requests):], strict=True)))
+        row = dict(zip((name for name, _ in own), values, strict=False))
         past_tokens = np.zeros((len(past), self.meta.num_tokens, self.meta.channels), np.float32)
         if past_rows:
-            past_tokens[valid] = np.stack(values[len(requests):])
+            past_tokens[valid] = np.stack(values[len(own):len(requests)])
         return CacheRecord(
             index=i, token=self.tokens[i],
             bev=decode_bev(row["bev"], row.get("bev_scale"), row.get("bev_offset")),
             tokens=row["tokens"].astype(np.float32), past_tokens=past_tokens, past_valid=valid,
             boxes=row["boxes"], scores=row["box_scores"], labels=row["box_labels"].astype(np.int64),
             probs=row["box_probs"].astype(np.float32), count=int(row["box_count"]))
+
+    def _check_digests(self, requests: list[tuple[str, int]], values: list[np.ndarray],
+                       digests: dict[int, np.ndarray]) -> None:
+        """Every (array, row) value read matches the row's digest, or `CacheCorruptError` names the sample."""
+        for (name, r), value in zip(requests, values, strict=False):
+            expected = digests[r][self._digest_column[name]]
+            if not np.array_equal(row_digest(self._bound, self.tokens[r], name, value), expected):
+                raise CacheCorruptError(
+                    f"cache {self.path}: array `{name}` row {_row_names(self.tokens, [r])} does not match the row's "
+                    "digest: it holds another sample's values, values from another teacher's cache, or values edited "
+                    f"after extraction (the checksums pass, the content is wrong); run `stxd-cache verify {self.path}` "
+                    "to list every damaged sample, then re-extract the cache")
+
+    def require_consistent(self) -> None:
+        """The checks that need no feature chunk, run when a cache is opened for training: distinct sample tokens,
+        `prev_index` links that are -1 or earlier rows (nearest first, chains that agree), and every `box_count` in
+        [0, M]. Raises `CacheCorruptError` naming the rows; `stxd-cache verify` runs these and decodes every chunk.
+        """
+        problems: list[str] = []
+        first_row: dict[str, int] = {}
+        duplicates = [(first_row[t], r) for r, t in enumerate(self.tokens) if first_row.setdefault(t, r) != r]
+        if duplicates:
+            first, again = duplicates[0]
+            problems.append(f"`sample_token` {self.tokens[again]!r} is held by rows {first} and {again} "
+                            f"({len(duplicates)} duplicate(s))")
+        problems += [f"`prev_index` row {_row_names(self.tokens, [row])}: {what}"
+                     for row, what in prev_index_problems(self._prev)[:3]]
+        counts = self._rows("box_count", None)
+        bad = np.flatnonzero((counts < 0) | (counts > self.meta.box_capacity))
+        if len(bad):
+            problems.append(f"`box_count` of rows {_row_names(self.tokens, bad)} is {counts[bad[0]]}; expected "
+                            f"0..{self.meta.box_capacity} (the cache's box capacity M)")
+        if problems:
+            raise CacheCorruptError(f"cache {self.path} is inconsistent: " + "; ".join(problems) + ". The store was "
+                                    f"damaged or edited; run `stxd-cache verify {self.path}`, then re-extract it")
+
+    def require_links(self, previous: dict[str, Sequence[str]]) -> None:
+        """Each sample's past-frame links are the dataset's: `previous` maps a sample token to the tokens of its
+        previous keyframes in its scene, nearest first (at least `k_max` of them where the scene has them).
+        Catches links to another scene, to the future, or rows whose tokens were swapped. Raises
+        `CacheCorruptError` naming the first samples that differ."""
+        wrong = []
+        for token, past in previous.items():
+            row = self.index_of(token)
+            expected = [self._index.get(t, -2) for t in list(past)[:self.meta.k_max]]
+            expected += [-1] * (self.meta.k_max - len(expected))
+            if self._prev[row].tolist() != expected:
+                wrong.append(f"row {row} ({token}) links rows {self._prev[row].tolist()}, the dataset's previous "
+                             f"keyframes are rows {expected}")
+        if wrong:
+            raise CacheCorruptError(
+                f"cache {self.path}: {len(wrong)} sample(s) have past-frame links (`prev_index`) that disagree with "
+                f"the dataset (-2: a keyframe the cache lacks): {'; '.join(wrong[:3])}. TD would read the wrong "
+                f"past tokens; run `stxd-cache verify {self.path} --dataroot DATAROOT`, then re-extract the cache")
 
     def _read_rows(self, requests: list[tuple[str, int]]) -> list[np.ndarray]:
         """One row of each (array, row) request, fetched and decoded concurrently (1.9x faster than one array at

@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from stxd_cache.schema import UNIT_ARRAYS, array_specs, prev_index_problems, row_problems, work_units
+from stxd_cache.schema import (
+    UNIT_ARRAYS,
+    array_specs,
+    digest_problems,
+    prev_index_problems,
+    row_problems,
+    work_units,
+)
 from stxd_cache.store import (
     _MAX_PROBLEMS,
     CacheReader,
@@ -52,7 +59,8 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
     Checks: every stored object present and every chunk passing its crc32c and decoding; `done` all set and
     `complete`; prev_index (-1 or an earlier row, -1 only at the end, consistent chains; with `scenes` (S,) the
     same scene and the nearest earlier row of it; with `timestamps` (S,) strictly decreasing times); finite
-    features, tokens that match the pooled BEV, box counts, labels, padding and score order.
+    features, tokens that match the pooled BEV, box counts, labels, padding and score order; and every row's values
+    against its digest (bound to its sample token and the cache's fingerprint).
 
     progress: called with (rows checked, S) after each work unit.
     """
@@ -115,7 +123,8 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
             prev[unit.start:unit.stop] = block["prev_index"]
         check = done[unit.start:unit.stop] & ~np.isin(np.arange(unit.start, unit.stop), list(bad_rows))
         if all(name in block for name in UNIT_ARRAYS if name in specs):
-            for k, what in row_problems(block, meta, check):
+            found = row_problems(block, meta, check) + digest_problems(block, meta, tokens[unit.start:unit.stop], check)
+            for k, what in sorted(found):
                 problem(f"row {_row_names(tokens, [unit.start + k])}: {what}", [unit.start + k])
         report.rows_checked = unit.stop
         if progress:
@@ -157,7 +166,7 @@ def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     group = _open_group(path, "r")
     meta = _read_meta(group, path)
     reader = CacheReader(path=path, group=group, meta=meta)
-    done_count = int(reader._done.sum())
+    done_count = reader.done_count
     arrays: dict[str, dict[str, Any]] = {}
     for name, array in reader._arrays.items():
         if name == "sample_token":
@@ -172,7 +181,10 @@ def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     uncompressed = sum(a["uncompressed_bytes"] for a in arrays.values())
     return {
         "path": path, "fingerprint": meta.fingerprint, "created": meta.created, "layout": meta.to_dict()["layout"],
-        "sample_count": len(reader), "done_count": done_count, "complete": meta.complete,
+        # `complete` is what the rows say; `finalized` is the flag, which finalize sets only once every row is done
+        # (a store whose `done` rows were lost afterwards has it set and is not complete).
+        "sample_count": len(reader), "done_count": done_count, "complete": meta.complete and done_count == len(reader),
+        "finalized": meta.complete,
         "bytes_on_disk": on_disk, "bytes_per_sample": on_disk / done_count if done_count else None,
         "uncompressed_bytes": uncompressed, "compression_ratio": uncompressed / on_disk if on_disk else None,
         "arrays": arrays,

@@ -19,7 +19,7 @@ def _run_options(example: str) -> Callable[[Callable[..., None]], Callable[..., 
     """The options of every training command: config, data, run folder, overrides, resume, device."""
     options = [
         click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-                     help=f"Run YAML, e.g. {example}."),
+                     help=f"Run YAML, e.g. {example}, or a run's RUN/config.yaml."),
         click.option("--dataroot", required=True, type=click.Path(), help="nuScenes root."),
         click.option("--version", required=True, help="Table folder, e.g. v1.0-trainval or v1.0-synth."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder."),
@@ -45,10 +45,10 @@ def _run_options(example: str) -> Callable[[Callable[..., None]], Callable[..., 
 def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: tuple[str, ...], resume: bool,
             device: str, run_eval: bool) -> None:
     """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`."""
-    from pipelines.config import load_config
+    from stxd_train.engine import load_run_config
     from stxd_train.teacher import TeacherRunConfig, evaluate_teacher, train_teacher
 
-    cfg = load_config(TeacherRunConfig, config_path, overrides)
+    cfg = load_run_config(TeacherRunConfig, config_path, overrides, kind="teacher")
     path = train_teacher(cfg, dataroot=dataroot, version=version, out=out, resume=resume, device=device)
     click.echo(f"teacher written to {path}")
     if run_eval:
@@ -71,11 +71,11 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
         run_eval: bool) -> None:
     """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
     from pipelines.config import load_config
-    from stxd_train.engine import is_main_process
+    from stxd_train.engine import is_main_process, load_run_config
     from stxd_train.fit import StudentRunConfig, evaluate_student
     from stxd_train.fit import fit as fit_student
 
-    cfg = load_config(StudentRunConfig, config_path, overrides)
+    cfg = load_run_config(StudentRunConfig, config_path, overrides, kind="student")
     layout = None
     if cache_config is not None:
         from stxd_cache.extract import ExtractConfig

@@ -153,7 +153,7 @@ class CameraDataset(Dataset[CameraSample]):
         self._cache: CacheReader | None = None
         self._cache_rows: np.ndarray | None = None
         if cache_path is not None:
-            self._cache_rows = np.asarray(join_cache(self.cache, [s.token for s in index]))
+            self._cache_rows = np.asarray(join_cache(self.cache, list(index)))
             self.cache.require_stored(self._cache_rows.tolist())
 
     @property
@@ -243,9 +243,14 @@ def _require_images(index: SampleIndex) -> None:
             "`stxd-data check`) or --dataroot points to the wrong folder")
 
 
-def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:
-    """Cache rows of `tokens`; raises a `ConfigError` listing missing tokens, or if the cache is incomplete."""
+def join_cache(cache: CacheReader, samples: Sequence[SampleInfo]) -> list[int]:
+    """Cache rows of `samples`, once the cache passes the checks that need no feature chunk: complete, consistent
+    (`CacheReader.require_consistent`), holding every sample, and linking each sample to the dataset's previous
+    keyframes (checked for the samples whose `prev_tokens` list at least the cache's `k_max`, or the whole scene).
+    Raises a `ConfigError` listing missing samples, or the cache's own errors."""
     cache.require_complete()
+    cache.require_consistent()
+    tokens = [s.token for s in samples]
     known = set(cache.tokens)
     missing = [t for t in tokens if t not in known]
     if missing:
@@ -253,6 +258,8 @@ def join_cache(cache: CacheReader, tokens: Sequence[str]) -> list[int]:
             f"cache {cache.path} lacks {len(missing)} of the {len(tokens)} samples to train on (first: "
             f"{', '.join(missing[:3])}); it holds {len(cache)} samples of {cache.meta.dataset.version} "
             f"{', '.join(cache.meta.dataset.splits)}: extract a cache over the training splits of this dataset")
+    k = cache.meta.k_max
+    cache.require_links({s.token: s.prev_tokens for s in samples if len(s.prev_tokens) >= min(k, s.frame_index)})
     return [cache.index_of(t) for t in tokens]
 
 

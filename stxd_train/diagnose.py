@@ -41,6 +41,7 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
 
     reader = open_cache(cache)
     reader.require_complete()
+    reader.require_consistent()
     saved = [read_yaml(Path(r) / "config.yaml") for r in runs]
     if dataroot is None or version is None:
         if not saved:

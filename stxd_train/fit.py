@@ -23,11 +23,11 @@ from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.data import CameraAugmentConfig, CameraBatch
 from stxd_train.distiller import DistillConfig, Distiller
-from stxd_train.engine import OptimConfig, TrainConfig
+from stxd_train.engine import RUN_KEYS, OptimConfig, TrainConfig
 from stxd_train.students.config import StudentConfig
 
-#: Top-level keys of a saved run config that are not part of `StudentRunConfig`.
-RUN_KEYS = ("kind", "dataroot", "version", "cache")
+#: What `fit` writes when training ends, besides the checkpoints.
+STUDENT_FILE = "student.pt"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +78,17 @@ def run_config(saved: dict[str, Any], where: str) -> StudentRunConfig:
     return from_dict(StudentRunConfig, {k: v for k, v in saved.items() if k not in RUN_KEYS}, where=where)
 
 
+def run_record(cfg: StudentRunConfig, *, dataroot: str, version: str, cache: str | None = None,
+               teacher_online: str | None = None, cache_config: ExtractConfig | None = None) -> dict[str, Any]:
+    """The `config.yaml` that `fit` writes into its run folder: `cfg` and what the run trains on."""
+    record = {"kind": "student", "dataroot": str(dataroot), "version": version,
+              "cache": str(cache) if cache else None, **to_dict(cfg)}
+    if teacher_online is not None:
+        record["teacher_online"] = {"checkpoint": str(teacher_online),
+                                    "layout": to_dict(cache_config or ExtractConfig())}
+    return record
+
+
 def open_student_cache(path: str, cfg: StudentConfig) -> Any:
     """The teacher cache at `path`, checked against the student before the first step: complete, the same
     grid range and the same classes (its tokens are joined by `CameraDataset`)."""
@@ -122,6 +133,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     from torch.utils.data import DataLoader
 
     from pipelines.nuscenes import SampleIndex
+    from pipelines.paths import check_output_path
     from stxd_cache.teacher.model import resolve_device
     from stxd_train.data import CameraDataset, collate, join_cache
     from stxd_train.engine import (
@@ -131,6 +143,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         ResumableSampler,
         RunConfigHook,
         Trainer,
+        atomic_write_text,
         build_optimizer,
         build_scheduler,
         check_run_config,
@@ -138,21 +151,20 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         is_main_process,
         loader_generator,
         rank,
+        save_checkpoint,
         seed_everything,
         seed_worker,
         world_size,
     )
     from stxd_train.students.registry import build_student
 
-    out = Path(out)
+    out = check_output_path(out, inputs={"--dataroot": dataroot, "--cache": cache, "--teacher-online": teacher_online})
     dc, tc, mc = cfg.data, cfg.train, cfg.model
     if cache is not None and teacher_online is not None:
         raise ConfigError("--cache and --teacher-online are two sources of the same teacher records; choose one")
-    config = {"kind": "student", "dataroot": str(dataroot), "version": version,
-              "cache": str(cache) if cache else None, **to_dict(cfg)}
+    config = run_record(cfg, dataroot=dataroot, version=version, cache=cache, teacher_online=teacher_online,
+                        cache_config=cache_config)
     layout = cache_config or ExtractConfig()
-    if teacher_online is not None:
-        config["teacher_online"] = {"checkpoint": str(teacher_online), "layout": to_dict(layout)}
     if resume:
         check_run_config(out, config)
     distributed_device = init_from_env()
@@ -165,7 +177,8 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     if cfg.distill.enabled and reader is None and online is None:
         raise ConfigError(f"distill.terms {list(cfg.distill.terms)} need the teacher cache: pass --cache CACHE.zarr "
                           "or --teacher-online CKPT (or set distill.terms to [] for a student without distillation)")
-    k_prev = max(mc.queue, cfg.distill.k if online is not None else 0)
+    # The cache's past-frame links are checked against the dataset's, so the index lists as many as the cache holds.
+    k_prev = max(mc.queue, cfg.distill.k if online is not None else 0, reader.meta.k_max if reader is not None else 0)
     index = SampleIndex.load(dataroot, version, dc.train_splits, k_prev=k_prev,
                              max_sweeps=online.frames.num_sweeps if online is not None else 0)
     if len(index) == 0:
@@ -173,7 +186,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     # Records are read only when the losses use them; without distillation the join is still checked here.
     records = cache if cfg.distill.enabled else None
     if reader is not None and records is None:
-        join_cache(reader, index.tokens)
+        join_cache(reader, list(index))
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
                             seed=tc.seed, min_points=dc.min_points, cache_path=records,
                             gt_iou="rd" in cfg.distill.terms, lidar=None if online is None else online.frames)
@@ -190,15 +203,23 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     hooks = [RunConfigHook(config=config), MetricsHook(every=tc.log_every),
              CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints), ProgressHook()]
+    # Where a non-finite loss may come from besides the images and boxes: the teacher's records.
+    data_note = "" if not cfg.distill.enabled else (
+        f"its teacher records come from the cache {cache}: check them with `stxd-cache verify {cache}`"
+        if cache is not None else f"its teacher records come from the live teacher {teacher_online}")
     start = time.perf_counter()
-    Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
-            hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)
-    path = out / "student.pt"
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out,
+                      max_steps=tc.max_steps, hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp,
+                      seed=tc.seed, data_note=data_note)
+    trainer.train(resume=resume)
+    path, seconds = out / STUDENT_FILE, out / "train_seconds.txt"
     if is_main_process():
-        (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        # A resume that trains no step (a finished run resumed to rewrite student.pt) keeps the time that trained it.
+        if trainer.step > trainer.start_step or not seconds.is_file():
+            atomic_write_text(seconds, f"{time.perf_counter() - start:.1f}\n")
         adapter = getattr(model.module if world_size() > 1 else model, "adapter", None)
-        torch.save({"config": to_dict(mc), "state_dict": student.state_dict(),
-                    "adapter": None if adapter is None else adapter.state_dict()}, path)
+        save_checkpoint(path, {"config": to_dict(mc), "state_dict": student.state_dict(),
+                               "adapter": None if adapter is None else adapter.state_dict()})
     return path
 
 
@@ -230,14 +251,48 @@ def load_student(path: str | Path, device: torch.device) -> nn.Module:
         raise CheckpointError(f"student file {path} cannot be read with safe loading ({torch_load_reason(exc)}); "
                               "`stxd-train fit` writes it with tensors and plain values only, so the file is damaged "
                               "or was replaced: train the run again (or resume it with --resume)") from None
-    student = build_student(from_dict(StudentConfig, saved["config"], where=f"{path} config"))
+    redo = ("`stxd-train fit` writes the weights and their config together, so the file was altered or replaced: "
+            "write it again from the run's last checkpoint (the same `stxd-train fit` command with --resume) or "
+            "train the run again")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+            or not isinstance(saved.get("state_dict"), dict):
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"student file {path} holds {found}; expected a dict with the keys config, state_dict "
+                              f"and adapter. {redo}")
+    cfg = from_dict(StudentConfig, saved["config"], where=f"{path} config")
+    student = build_student(cfg)
+    problems = state_dict_problems(student, saved["state_dict"])
+    if problems:
+        raise CheckpointError(f"student file {path}: its weights do not fit the {cfg.name} student its "
+                              f"config describes ({problems}). {redo}")
     student.load_state_dict(saved["state_dict"])
     student.adapter = None
     if saved.get("adapter") is not None:
         from stxd_train.distiller import adapter_from_state
 
-        student.adapter = adapter_from_state(saved["adapter"])
+        try:
+            student.adapter = adapter_from_state(saved["adapter"])
+        except (RuntimeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"student file {path}: its distillation adapter cannot be rebuilt ({exc}). "
+                                  f"{redo}") from None
     return student.to(device).eval()
+
+
+def state_dict_problems(model: nn.Module, state: dict[str, Any], *, shown: int = 3) -> str:
+    """What keeps `state` from loading into `model`: its first `shown` missing, unexpected and mis-shaped keys
+    ("" when it fits)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} (file {tuple(getattr(state[k], 'shape', ()))}, model {tuple(own[k].shape)})"
+                    for k in set(own) & set(state)
+                    if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {name} key(s): {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, device: torch.device, *,
@@ -266,6 +321,7 @@ def evaluate_student(run: str | Path, *, split: str | None = None, device: str =
     from pipelines.nuscenes import SampleIndex, load_nuscenes
     from stxd_cache.teacher.model import resolve_device
     from stxd_train.curves import plot_training_curves
+    from stxd_train.engine import atomic_write_text
 
     run = Path(run)
     saved = read_yaml(run / "config.yaml")
@@ -290,5 +346,6 @@ def evaluate_student(run: str | Path, *, split: str | None = None, device: str =
     seconds = run / "train_seconds.txt"
     if seconds.is_file():
         metrics["train_seconds"] = float(seconds.read_text())
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2),
+                      then=f"then score the run again with `stxd-train eval --run {run}`")
     return metrics

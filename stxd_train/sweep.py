@@ -4,7 +4,10 @@ A grid file (configs/sweeps/*.yaml) names a base student config, the seeds, over
 the variants, each a list of `--set` overrides (and optionally its own config and seeds). Every (variant, seed)
 is one `stxd-train fit` process writing `OUT/<variant>/seed<S>/`, followed by `stxd-train eval` (unless the
 grid says `evaluate: false`); `--parallel N` runs N at once, all reading the same cache, each with `cores / N`
-torch threads. A finished run is not trained again, so an interrupted sweep is continued by running it again.
+torch threads. A finished run is not trained again, so an interrupted sweep is continued by running it again:
+a run counts as finished when its `config.yaml` is the one this grid gives it, its last checkpoint reached
+`train.max_steps` and its `student.pt` loads; one that stopped early (or whose grid raised `max_steps`) is
+resumed from its last checkpoint, and one trained with another config is refused.
 
 Besides NDS, mAP and the step time, the table gives each loss term's mean over the first `early_steps`
 steps: the sizes that distillation weights are chosen by (configs/sweeps/weights_synth.yaml).
@@ -97,20 +100,79 @@ def _stxd_train() -> list[str]:
     return [sys.executable, "-m", "stxd_train.cli"]
 
 
+def run_config_of(spec: RunSpec, *, dataroot: str, version: str, cache: str) -> dict[str, Any]:
+    """The `config.yaml` that the `stxd-train fit` of `spec` writes (its config is loaded as `fit` loads it)."""
+    from stxd_train.engine import load_run_config
+    from stxd_train.fit import StudentRunConfig, run_record
+
+    cfg = load_run_config(StudentRunConfig, spec.config, spec.overrides, kind="student")
+    return run_record(cfg, dataroot=dataroot, version=version, cache=cache)
+
+
+def training_to_do(spec: RunSpec, config: dict[str, Any]) -> str | None:
+    """What the run folder of `spec` needs to hold the finished run of `config` (the `config.yaml` that its fit
+    writes): None when it does, "fresh" (train from the start) or "resume" (continue from its last checkpoint, which
+    also rewrites a missing or damaged `student.pt`). Raises `StxdError` when the folder holds another run."""
+    from pipelines.config import read_yaml
+    from stxd_train.engine import CheckpointError, config_changes, load_checkpoint
+    from stxd_train.engine.checkpoint import LAST_CHECKPOINT, checkpoint_dir
+    from stxd_train.fit import STUDENT_FILE, load_student
+
+    run = f"sweep run {spec.variant} seed {spec.seed}"
+    saved_path, last = spec.out / "config.yaml", checkpoint_dir(spec.out) / LAST_CHECKPOINT
+    student = spec.out / STUDENT_FILE
+    if not last.is_file():
+        if student.is_file():
+            raise StxdError(f"{run}: {student} exists but {last} does not, so whether it finished training cannot be "
+                            f"told; move {spec.out} away to train the run again")
+        return "fresh"   # never reached its first checkpoint: nothing to keep
+    if not saved_path.is_file():
+        raise StxdError(f"{run}: {last} exists but {saved_path} does not, so the config it was trained with is "
+                        f"unknown; move {spec.out} away to train the run again")
+    saved = read_yaml(saved_path)
+    changed = config_changes(saved, config)
+    if changed:
+        raise StxdError(f"{run}: {saved_path} is not the config that the grid gives this run ({len(changed)} "
+                        f"field(s) differ: {'; '.join(changed[:6])}); it was trained with another grid, cache or "
+                        f"dataset. Move {spec.out} away to train it again, or give this sweep another --out")
+    try:
+        step = int(load_checkpoint(last)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        raise StxdError(f"{run}: its last checkpoint {last} cannot be read ({exc}); move {spec.out} away to train "
+                        "the run again") from None
+    max_steps = config["train"]["max_steps"]
+    if step > max_steps:
+        raise StxdError(f"{run}: its last checkpoint {last} is at step {step}, past train.max_steps {max_steps} of "
+                        f"the grid; a run cannot be shortened: move {spec.out} away to train it again")
+    if step < max_steps or config_changes(saved, config, allowed=frozenset()):
+        return "resume"
+    try:
+        import torch
+
+        load_student(student, torch.device("cpu"))
+    except StxdError:
+        return "resume"
+    return None
+
+
 def _run_one(spec: RunSpec, *, dataroot: str, version: str, cache: str, threads: int, device: str, evaluate: bool,
-             early_steps: int) -> dict[str, Any]:
-    """Fit and evaluate one run (skipped when it is already done); returns its table row."""
+             early_steps: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Fit and evaluate one run (each skipped when already done); returns its table row."""
     metrics_path = spec.out / "metrics.json"
-    if not (metrics_path if evaluate else spec.out / "student.pt").is_file():
+    training = training_to_do(spec, config)
+    if training is not None:
+        metrics_path.unlink(missing_ok=True)   # it scored the student that is about to be replaced
+    if training is not None or (evaluate and not metrics_path.is_file()):
         spec.out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        resume = ["--resume"] if (spec.out / "checkpoints" / "last.pt").is_file() else []
+        resume = ["--resume"] if training == "resume" else []
         fit = [*_stxd_train(), "fit", "--config", spec.config, "--dataroot", dataroot, "--version", version,
                "--cache", cache, "--out", str(spec.out), "--device", device, *resume,
                *(a for o in spec.overrides for a in ("--set", o))]
         score = [*_stxd_train(), "eval", "--run", str(spec.out), "--device", device]
+        commands = ([fit] if training is not None else []) + ([score] if evaluate else [])
         with open(spec.out / "sweep.log", "a") as log:
-            for cmd in (fit, score) if evaluate else (fit,):
+            for cmd in commands:
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
                 done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -133,27 +195,34 @@ def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out:
     from tqdm import tqdm
 
     from stxd_cache.store import open_cache
+    from stxd_train.engine import atomic_write_text
 
     if parallel < 1:
         raise ConfigError(f"--parallel is {parallel}; expected at least 1 process")
+    from pipelines.paths import check_output_path
+
+    out = check_output_path(out, inputs={"--cache": cache, "--dataroot": dataroot})
     open_cache(cache).require_complete()   # fail before any process starts
-    out = Path(out)
     runs = plan(cfg, out)
+    # Every run's config is loaded here, so that a bad override fails before any process starts.
+    configs = {spec.out: run_config_of(spec, dataroot=dataroot, version=version, cache=cache) for spec in runs}
     threads = max(1, (os.cpu_count() or 1) // parallel)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(runs), desc="sweep", unit="run",
                                                                  disable=not progress) as bar:
         futures = {spec.out: pool.submit(_run_one, spec, dataroot=dataroot, version=version, cache=cache,
                                          threads=threads, device=device, evaluate=cfg.evaluate,
-                                         early_steps=cfg.early_steps) for spec in run_order(runs)}
+                                         early_steps=cfg.early_steps, config=configs[spec.out])
+                   for spec in run_order(runs)}
         for future in futures.values():
             future.add_done_callback(lambda _: bar.update(1))
         rows = [futures[spec.out].result() for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rows": rows, "variants": _aggregate(rows), "parallel": parallel,
                "wall_seconds": time.perf_counter() - start}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(results_markdown(rows, early_steps=cfg.early_steps))
+    again = "then run the same `stxd-train sweep` again: it reuses the finished runs"
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2), then=again)
+    atomic_write_text(out / "results.md", results_markdown(rows, early_steps=cfg.early_steps), then=again)
     return rows
 
 

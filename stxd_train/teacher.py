@@ -69,6 +69,7 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     from torch.utils.data import DataLoader
 
     from pipelines.nuscenes import SampleIndex
+    from pipelines.paths import check_output_path
     from stxd_cache.teacher.checkpoint import save_teacher
     from stxd_cache.teacher.model import build_teacher
     from stxd_train.engine import (
@@ -78,15 +79,17 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
         ResumableSampler,
         RunConfigHook,
         Trainer,
+        atomic_write_text,
         build_optimizer,
         build_scheduler,
         check_run_config,
         loader_generator,
         seed_everything,
         seed_worker,
+        write_errors,
     )
 
-    out = Path(out)
+    out = check_output_path(out, inputs={"--dataroot": dataroot})
     run_config = {"kind": "teacher", "dataroot": str(dataroot), "version": version, **to_dict(cfg)}
     if resume:
         check_run_config(out, run_config)
@@ -111,11 +114,18 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
              MetricsHook(every=tc.log_every), CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
              ProgressHook()]
     start = time.perf_counter()
-    Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out, max_steps=tc.max_steps,
-            hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp, seed=tc.seed).train(resume=resume)
-    (out / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    save_teacher(teacher, cfg.model, out / "teacher.pt")
-    return out / "teacher.pt"
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out,
+                      max_steps=tc.max_steps, hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp,
+                      seed=tc.seed)
+    trainer.train(resume=resume)
+    seconds = out / "train_seconds.txt"
+    # A resume that trains no step (a finished run resumed to rewrite teacher.pt) keeps the time that trained it.
+    if trainer.step > trainer.start_step or not seconds.is_file():
+        atomic_write_text(seconds, f"{time.perf_counter() - start:.1f}\n")
+    path = out / "teacher.pt"
+    with write_errors(path):
+        save_teacher(teacher, cfg.model, path)
+    return path
 
 
 def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str = "auto",
@@ -125,11 +135,12 @@ def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str =
     from pipelines.evaluation import Detections, build_submission, evaluate
     from pipelines.nuscenes import SampleIndex, load_nuscenes
     from stxd_cache.teacher.checkpoint import load_teacher
+    from stxd_train.engine import atomic_write_text
 
     run = Path(run)
     saved = read_yaml(run / "config.yaml")
     dev = resolve_device(device)
-    loaded = load_teacher(run / "teacher.pt", device=dev)
+    loaded = load_teacher(run / "teacher.pt", device=dev, written_by="`stxd-train teacher`")
     teacher = loaded.model.eval()
     root = dataroot or saved["dataroot"]
     split = split or saved["data"]["val_split"]
@@ -146,5 +157,6 @@ def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str =
     submission = build_submission(index, predictions, use_lidar=True)
     metrics = evaluate(nusc, submission, split, run / "eval" / split)
     metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2),
+                      then=f"then score the run again with `stxd-train eval --run {run}`")
     return metrics

@@ -62,3 +62,21 @@ def cache(synth_root: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPat
     out = tmp_path_factory.mktemp("cache") / "cache.zarr"
     extract(extract_job(synth_root, teacher_ckpt, out))
     return out
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's own summary line: how many fault cases (one per test and parameter) were tried, and how
+    many held (the tool failed cleanly or recovered, as the test demands)."""
+    outcomes: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") in ("call", "setup") and "tests/faults/" in report.nodeid.replace(
+                    "\\", "/"):
+                if outcome == "passed" and report.when != "call":
+                    continue
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    tried = sum(outcomes.values())
+    if tried:
+        broken = outcomes.get("failed", 0) + outcomes.get("error", 0)
+        terminalreporter.write_line(f"fault suite: {tried} fault cases tried, {outcomes.get('passed', 0)} held, "
+                                    f"{broken} did not, {outcomes.get('skipped', 0)} skipped")

@@ -66,9 +66,9 @@ def tiny_student(name: str, **model: object) -> dict:
     }
 
 
-def tiny_teacher_checkpoint(path: Path) -> Path:
+def tiny_teacher_checkpoint(path: Path, seed: int = 0) -> Path:
     """An untrained tiny teacher whose head is perturbed so that its scores spread out, saved at `path`."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = from_dict(TeacherConfig, TINY_TEACHER)
     model = build_teacher(cfg, "cpu")
     with torch.no_grad():   # an untrained head would put every score at 0.1

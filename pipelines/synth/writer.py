@@ -21,11 +21,14 @@ from pipelines.classes import ATTRIBUTES, CATEGORY_TO_CLASS, VISIBILITY_LEVELS
 from pipelines.config import to_dict
 from pipelines.errors import DatasetError
 from pipelines.nuscenes import TABLES
+from pipelines.paths import check_output_path
 from pipelines.synth import rig, scene
 from pipelines.synth.config import SynthConfig
 
 _OUTPUT_FOLDERS = ("samples", "sweeps", "maps")
 CONFIG_FILE = "synth_config.yaml"
+#: Written into the root before anything else: `--overwrite` removes only folders of a root that carries it.
+OWNER_FILE = ".stxd-synth"
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,13 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
         cfg: what to generate.
         out: dataset root; `out/<version>/` receives the tables.
         workers: processes generating scenes in parallel (default: the CPU count).
-        overwrite: replace an existing dataset at `out` (only the folders this writer creates).
+        overwrite: replace a dataset that this writer generated at `out` (only the folders it creates; a root
+            without its `.stxd-synth` marker, such as a real nuScenes root, is never removed).
         reuse: keep a complete dataset at `out` that was generated from the same config.
         progress: called as `progress(done, total)` after each scene.
     """
     start = time.perf_counter()
-    root = Path(out)
+    root = check_output_path(out)
     table_dir = root / cfg.version
     stamp = table_dir / CONFIG_FILE   # written last: its presence means the generation completed
     if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == to_dict(cfg):
@@ -70,8 +74,15 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
         raise DatasetError(f"{root} already holds a dataset ({', '.join(str(p) for p in existing)}); "
                            "pass --overwrite to replace it, --reuse to keep it if it was generated from the "
                            "same config, or choose another --out")
+    if existing and not ((root / OWNER_FILE).is_file() or stamp.is_file()):
+        raise DatasetError(f"{root} holds {', '.join(str(p) for p in existing)} but was not written by "
+                           f"`stxd-data synth` (neither its {OWNER_FILE} marker nor {stamp} is there), so "
+                           "--overwrite will not remove them; "
+                           "choose another --out, or remove them yourself if they are yours")
     for path in existing:
         shutil.rmtree(path)
+    root.mkdir(exist_ok=True)
+    (root / OWNER_FILE).write_text("written by stxd-data synth; `--overwrite` may replace this root's dataset\n")
     table_dir.mkdir(parents=True, exist_ok=True)
 
     workers = max(1, min(workers or os.cpu_count() or 1, cfg.scenes))

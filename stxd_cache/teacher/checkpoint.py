@@ -47,14 +47,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def save_teacher(model: torch.nn.Module, config: Any, path: str | Path) -> str:
-    """Write a native checkpoint atomically; returns its sha256."""
+    """Write a native checkpoint atomically (synced to disk before it replaces `path`); returns its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save({"format": NATIVE_FORMAT, "config": to_dict(config), "state_dict": state}, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": NATIVE_FORMAT, "config": to_dict(config), "state_dict": state}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -62,8 +64,13 @@ def save_teacher(model: torch.nn.Module, config: Any, path: str | Path) -> str:
     return sha256_file(path)
 
 
-def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
-    """The raw checkpoint dict, read safely."""
+def read_checkpoint(path: str | Path, *, trust: bool = False, written_by: str | None = None) -> dict[str, Any]:
+    """The raw checkpoint dict, read safely.
+
+    written_by: the stxd command that exported `path` (e.g. "`stxd-train teacher`" for RUN/teacher.pt), when the
+        caller reads its own export: a file that safe loading refuses was then altered, and trusting it is not
+        offered.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint {path} does not exist; train one with `stxd-train teacher` "
@@ -73,9 +80,14 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         if trust:
             raise CheckpointError(f"teacher checkpoint {path} cannot be unpickled: {exc}") from None
-        raise CheckpointError(f"teacher checkpoint {path} holds objects that safe loading refuses "
-                              f"({torch_load_reason(exc)}); it was not unpickled, so none of its code ran. If you "
-                              "trust the file, pass --trust-checkpoint to unpickle it (this can run code)") from None
+        refused = (f"teacher checkpoint {path} holds objects that safe loading refuses ({torch_load_reason(exc)}); "
+                   "it was not unpickled, so none of its code ran")
+        if written_by is not None:
+            raise CheckpointError(f"{refused}. {written_by} writes it with tensors and plain values only, so the "
+                                  f"file was altered or replaced: write it again with {written_by} (the run's own "
+                                  "command with --resume rewrites it from the run's last checkpoint)") from None
+        raise CheckpointError(f"{refused}. If you trust the file, pass --trust-checkpoint to unpickle it (this can "
+                              "run code)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"teacher checkpoint {path} is corrupt or not a torch checkpoint "
                               f"({torch_load_reason(exc)}); re-download or re-export it") from None
@@ -125,16 +137,17 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 
 def load_teacher(path: str | Path, *, device: torch.device | str = "cpu", config_path: str | Path | None = None,
-                 trust: bool = False) -> LoadedTeacher:
+                 trust: bool = False, written_by: str | None = None) -> LoadedTeacher:
     """Build the teacher and load its weights from a native, mmdet3d or OpenPCDet checkpoint.
 
     Native checkpoints carry their config; for mmdet3d and OpenPCDet ones, `config_path` names the
     teacher YAML (e.g. configs/teacher/centerpoint_nus.yaml) that describes the same architecture.
+    `written_by`: see `read_checkpoint`.
     """
     from stxd_cache.teacher.config import TeacherConfig
     from stxd_cache.teacher.model import build_teacher
 
-    data = read_checkpoint(path, trust=trust)
+    data = read_checkpoint(path, trust=trust, written_by=written_by)
     fmt = detect_format(data)
     if fmt == "unknown":
         raise CheckpointError(f"teacher checkpoint {path} is not a stxd, mmdet3d or OpenPCDet CenterPoint "

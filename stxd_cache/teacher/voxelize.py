@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -14,6 +15,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import spconv.pytorch as spconv
     from spconv.pytorch.utils import PointToVoxel
+
+# spconv's SparseConvTensor asks `torch.fx.is_fx_tracing()` at every construction, which makes torch log, once per
+# process, advice meant for spconv's authors; a dask extraction printed it once per worker.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 class Voxelizer:

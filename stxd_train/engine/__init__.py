@@ -23,13 +23,20 @@ Wiring (the caller turns configs into objects once; the loop never sees a config
 from __future__ import annotations
 
 from stxd_train.engine.checkpoint import (
+    RUN_KEYS,
     CheckpointError,
+    CheckpointWriteError,
+    atomic_write,
+    atomic_write_text,
     capture_rng_state,
     check_run_config,
+    config_changes,
     load_checkpoint,
+    load_run_config,
     restore_rng_state,
     save_checkpoint,
     save_run_config,
+    write_errors,
 )
 from stxd_train.engine.distributed import (
     init_from_env,
@@ -51,8 +58,10 @@ from stxd_train.engine.sampler import (
 from stxd_train.engine.trainer import NonFiniteLossError, TrainConfig, Trainer, TrainingError, to_device
 
 __all__ = [
+    "RUN_KEYS",
     "CheckpointError",
     "CheckpointHook",
+    "CheckpointWriteError",
     "HookBase",
     "MetricsHook",
     "NonFiniteLossError",
@@ -63,14 +72,18 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingError",
+    "atomic_write",
+    "atomic_write_text",
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
     "check_run_config",
+    "config_changes",
     "deterministic",
     "init_from_env",
     "is_main_process",
     "load_checkpoint",
+    "load_run_config",
     "loader_generator",
     "rank",
     "reduce_dict",
@@ -82,4 +95,5 @@ __all__ = [
     "to_device",
     "unwrap_model",
     "world_size",
+    "write_errors",
 ]

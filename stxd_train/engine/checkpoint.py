@@ -2,17 +2,20 @@
 
 Layout of a run folder: `checkpoints/last.pt` (always the newest), optional `checkpoints/step_XXXXXX.pt`
 copies, `config.yaml`, `metrics.jsonl` and `tb/`. What goes inside a checkpoint is the trainer's
-business (`Trainer.state_dict`); this module only writes and reads it.
+business (`Trainer.state_dict`); this module only writes and reads it. Every file of a run is written through
+`atomic_write`, whose `CheckpointWriteError` says what to free when the disk is full.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,10 +26,38 @@ from stxd_train.engine.distributed import is_main_process
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+#: Top-level keys that `stxd-train teacher` and `fit` write into a run's `config.yaml` next to the run config
+#: itself: what the run trained on (`teacher_online` only for a fit with a live teacher).
+RUN_KEYS = ("kind", "dataroot", "version", "cache", "teacher_online")
+#: The next step after a failed write of a training run's file.
+RESUME_ADVICE = ("then continue the run with the same command and --resume: it starts again from the run's last "
+                 "checkpoint, checkpoints/last.pt, which a failed write leaves as it was")
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+T = TypeVar("T")
 
 
 class CheckpointError(StxdError):
     """A checkpoint is missing, unreadable, or does not match the run that loads it."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint or another file of a run cannot be written: a full disk, a read-only or unmounted folder."""
+
+
+@contextlib.contextmanager
+def write_errors(path: str | Path, *, then: str = RESUME_ADVICE) -> Iterator[None]:
+    """Turn an `OSError` raised while writing `path` into a `CheckpointWriteError` that names the file, the cause,
+    what to free or fix, and `then`, the next step (default: resume the run)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            cause = "the disk is full"
+            fix = (f"free space on the disk that holds {Path(path).parent} (old runs, `checkpoints/step_*.pt` "
+                   "copies, caches no longer used)")
+        else:
+            cause, fix = "the file system refused it", "fix that (permissions, a read-only or unmounted disk)"
+        raise CheckpointWriteError(f"writing {path} failed: {cause} ({exc}); {fix}, {then}") from exc
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -39,26 +70,33 @@ def step_checkpoint_name(step: int) -> str:
     return f"step_{step:06d}.pt"
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], *, then: str = RESUME_ADVICE) -> Path:
     """Write `path` through `write(file)` into a temporary file of the same folder, then rename it.
 
     Readers see the old file or the complete new one, never a partial one; on failure the temporary
-    file is removed and the old file stays as it was.
+    file is removed and the old file stays as it was. An `OSError` (a full disk, ...) becomes a
+    `CheckpointWriteError` whose advice ends with `then`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with write_errors(path, then=then):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str, *, then: str = RESUME_ADVICE) -> Path:
+    """`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, _bytes_writer(text.encode()), then=then)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -151,9 +189,27 @@ def save_run_config(out_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
     """Write the resolved config as `out_dir/config.yaml`, atomically and on rank 0 only."""
     path = Path(out_dir) / "config.yaml"
     if is_main_process():
-        text = yaml.safe_dump(dict(cfg), sort_keys=False)
-        atomic_write(path, _bytes_writer(text.encode()))
+        atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
     return path
+
+
+def load_run_config(cls: type[T], path: str | Path, overrides: Sequence[str] = (), *, kind: str) -> T:
+    """The run config `cls` of `--config PATH` with its `--set` overrides.
+
+    PATH is a recipe (configs/<kind>/*.yaml) or the `config.yaml` of a `kind` run, whose `RUN_KEYS` are dropped:
+    `--config RUN/config.yaml --resume` then continues that run with exactly its config.
+    """
+    from pipelines.config import apply_overrides, from_dict, read_yaml
+    from pipelines.errors import ConfigError
+
+    data = read_yaml(path)
+    found = data.get("kind")
+    if found is not None:
+        if found != kind:
+            raise ConfigError(f"{path} is the config.yaml of a run of kind {found!r}, expected a {kind} config: pass "
+                              f"a recipe such as configs/{kind}/*.yaml or the config.yaml of a {kind} run")
+        data = {k: v for k, v in data.items() if k not in RUN_KEYS}
+    return from_dict(cls, apply_overrides(data, overrides), where=str(path))
 
 
 
@@ -162,12 +218,23 @@ def save_run_config(out_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
 RESUMABLE_CHANGES = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers", "train.max_steps"})
 
 
+def config_changes(saved: Mapping[str, Any], config: Mapping[str, Any], *,
+                   allowed: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+    """The dotted fields, outside `allowed`, where a run's saved config differs from `config` (sorted), each as
+    "field: run has X, now Y"."""
+    import json
+
+    from pipelines.config import flatten
+
+    old, new = flatten(dict(saved)), flatten(json.loads(json.dumps(dict(config))))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed)
+    return [f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in changed]
+
+
 def check_run_config(out_dir: str | Path, config: Mapping[str, Any]) -> None:
     """Refuse to resume the run in `out_dir` with a config other than its `config.yaml` (fields in
     `RESUMABLE_CHANGES` aside); the error names the fields that differ."""
-    import json
-
-    from pipelines.config import flatten, read_yaml
+    from pipelines.config import read_yaml
     from pipelines.errors import ConfigError
 
     out_dir = Path(out_dir)
@@ -175,9 +242,9 @@ def check_run_config(out_dir: str | Path, config: Mapping[str, Any]) -> None:
     if not path.is_file():
         raise ConfigError(f"cannot resume {out_dir}: {path} does not exist (the run never started); start it "
                           "without --resume")
-    saved, new = flatten(read_yaml(path)), flatten(json.loads(json.dumps(dict(config))))
-    changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    changed = config_changes(read_yaml(path), config)
     if changed:
-        listing = "; ".join(f"{k}: run has {saved.get(k)!r}, now {new.get(k)!r}" for k in changed[:6])
+        listing = "; ".join(changed[:6])
         raise ConfigError(f"cannot resume {out_dir} with another config ({len(changed)} field(s) differ: {listing}); "
-                          f"resume with `--config {path}` and the same data options, or train into a new --out")
+                          f"resume with `--config {path}` (its run config) and the run's own --dataroot, --version "
+                          "and teacher option (--cache or --teacher-online), or train into a new --out")

@@ -23,6 +23,7 @@ from stxd_train.engine.checkpoint import (
     save_checkpoint,
     save_run_config,
     step_checkpoint_name,
+    write_errors,
 )
 from stxd_train.engine.distributed import is_main_process, reduce_dict
 
@@ -139,7 +140,8 @@ class MetricsHook(HookBase):
             "grad_norm": None if t.grad_norm is None else float(t.grad_norm),
             "step_time": t.step_time, "data_time": t.data_time,
         }
-        self._file.write(json.dumps(record) + "\n")
+        with write_errors(self.path):
+            self._file.write(json.dumps(record) + "\n")
         if self._writer is not None:
             self._writer.add_scalar("loss/total", values["loss"], t.step)
             for name, value in record["terms"].items():

@@ -111,13 +111,14 @@ class Trainer:
     loader's `batch_sampler` a resumed run skips consumed batches without loading them; any other
     sampler is fast-forwarded by loading and dropping them, which is exact only if its order depends
     on the epoch alone (e.g. `DistributedSampler`). The global RNGs are seeded with `seed + rank` at
-    the start of a fresh run and restored from the checkpoint on resume.
+    the start of a fresh run and restored from the checkpoint on resume. `data_note` says how to check the
+    data behind a batch (e.g. the command that verifies a teacher cache); a non-finite loss error quotes it.
     """
 
     def __init__(self, *, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler | None,
                  data: DataLoader, out_dir: str | Path, max_steps: int, hooks: Sequence[HookBase] = (),
                  device: torch.device | str = "cpu", grad_clip: float = 0.0, amp: AmpMode = "auto",
-                 seed: int = 0) -> None:
+                 seed: int = 0, data_note: str = "") -> None:
         if max_steps < 1:
             raise ConfigError(f"Trainer max_steps: found {max_steps}, expected at least 1")
         if grad_clip < 0:
@@ -134,6 +135,7 @@ class Trainer:
         self.max_steps = max_steps
         self.grad_clip = grad_clip
         self.seed = seed
+        self.data_note = data_note
         self.amp_dtype = resolve_amp(amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -188,9 +190,22 @@ class Trainer:
         try:
             while self.step < self.max_steps:
                 self._run_epoch()
-        finally:
-            for hook in self.hooks:
+        except BaseException:
+            self._after_train(failed=True)
+            raise
+        self._after_train(failed=False)
+
+    def _after_train(self, *, failed: bool) -> None:
+        """Every hook's `after_train`, even when one raises (bars closed, files flushed); the first error is raised
+        after them, unless training itself `failed`, whose error is then the one the caller sees."""
+        first: BaseException | None = None
+        for hook in self.hooks:
+            try:
                 hook.after_train()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None and not failed:
+            raise first
 
     def _epoch_iterator(self) -> Any:
         for sampler in {id(s): s for s in (self.data.sampler, self.data.batch_sampler)}.values():
@@ -245,7 +260,7 @@ class Trainer:
         terms = self._loss_terms(output)
         total = sum((v.float() for v in terms.values()), start=torch.zeros((), device=self.device))
         if not all_ranks_true(torch.isfinite(total)):
-            raise self._non_finite_error(total, terms)
+            raise self._non_finite_error(total, terms, batch)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
         else:
@@ -278,7 +293,8 @@ class Trainer:
                                 "non-empty dict of scalar loss tensors, e.g. {'loss_cls': tensor(0.7)}")
         return dict(output)
 
-    def _non_finite_error(self, total: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> NonFiniteLossError:
+    def _non_finite_error(self, total: torch.Tensor, terms: Mapping[str, torch.Tensor],
+                          batch: Any) -> NonFiniteLossError:
         bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v)}
         where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.iter_in_epoch} of the epoch)"
         if bad:
@@ -288,8 +304,17 @@ class Trainer:
             found = "the loss is not finite on another rank"
         else:
             found = f"the terms are finite but their sum overflows to {float(total.detach())}"
-        return NonFiniteLossError(f"{where}: {found}. Check this batch's inputs and targets, lower optim.lr or set "
-                                  "optim.grad_clip; the last checkpoint is intact, continue from it with --resume")
+        tokens = getattr(batch, "tokens", None)
+        samples = (f" (sample(s) {', '.join(map(str, tokens))}{' on this rank' if world_size() > 1 else ''})"
+                   if isinstance(tokens, Sequence) and not isinstance(tokens, str) and tokens else "")
+        note = f"; {self.data_note}" if self.data_note else ""
+        if self.last_checkpoint.is_file():
+            then = f"the last checkpoint {self.last_checkpoint} is intact: continue from it with --resume"
+        else:
+            then = (f"no checkpoint was written before this step ({self.checkpoint_dir} holds none), so there is "
+                    "nothing to resume: train again from the start")
+        return NonFiniteLossError(f"{where}: {found}. Check this batch's inputs and targets{samples}{note}; lower "
+                                  f"optim.lr or set optim.grad_clip; {then}")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs. Collective under DDP: it gathers every rank's RNG states."""

@@ -33,7 +33,7 @@ from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.model import build_teacher
 from stxd_train.cli import main as train_main
 from stxd_train.fit import StudentRunConfig
-from tiny import BIN, CACHE, SPLITS, TINY_TEACHER, cache_config_file, cli_error, extract_args, tiny_student
+from tiny import BIN, CACHE, REPO, SPLITS, TINY_TEACHER, cache_config_file, cli_error, extract_args, tiny_student
 
 VERSION = "v1.0-synth"
 
@@ -252,6 +252,34 @@ def test_filenames_outside_the_root_are_refused(channel: str, kind: str, tmp_pat
     assert not store.exists() and not run.exists()
 
 
+@pytest.mark.parametrize("channel", ["CAM_FRONT", "LIDAR_TOP"])
+def test_files_that_link_outside_the_root_are_reported(channel: str, tmp_path: Path, synth_root: Path,
+                                                       first_sample: SampleInfo) -> None:
+    """A table's file replaced by a symbolic link to the same, valid file outside the root is reported like a
+    filename that leaves the root; a link to a file inside the root is accepted."""
+    root = copy_root(synth_root, tmp_path)
+    paths = {"LIDAR_TOP": first_sample.lidar.path, **{c.channel: c.path for c in first_sample.cameras}}
+    name = Path(paths[channel]).name
+    record = next(r for r in read_table(root, "sample_data") if Path(r["filename"]).name == name)
+    link = root / record["filename"]
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    shutil.move(link, outside)
+    link.symlink_to(outside)
+    problems = check_problems(root)
+    assert "1 problem(s)" in problems
+    assert (f"sample_data {record['token']}: file {link} is a symbolic link to {outside.resolve()}, outside the "
+            f"dataset root {root}; a table's files must lie inside the root") in problems
+
+    inside = root / "kept" / name
+    inside.parent.mkdir()
+    shutil.move(outside, inside)
+    link.unlink()
+    link.symlink_to(inside)
+    result = CliRunner().invoke(data_main, ["check", "--dataroot", str(root), "--version", VERSION])
+    assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------------------------------------------------- wrong types
 
 
@@ -324,6 +352,20 @@ def test_malformed_overrides_are_named(tmp_path: Path, synth_root: Path) -> None
     assert "--set 'train.max_steps': expected KEY=VALUE" in message
     message = cli_error(train_main, *fit_args(student, synth_root, tmp_path / "run", "--set", "data.image_size.w=5"))
     assert "--set 'data.image_size.w=5': 'image_size' is a value, not a section" in message
+
+
+def test_python_tags_in_overrides_are_refused_and_never_run(tmp_path: Path, synth_root: Path) -> None:
+    marker = tmp_path / "ran"
+    value = f'!!python/object/apply:os.system ["touch {marker}"]'
+    override = f"train.seed={value}"
+    run = tmp_path / "run"
+    message = cli_error(train_main, *fit_args(student_yaml(tmp_path, distill=False), synth_root, run, "--set",
+                                              override))
+    assert message == (f"--set {override!r}: the value {value!r} is not a plain YAML value (could not determine a "
+                       "constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'); only plain values "
+                       "are accepted (numbers, true/false, strings, [lists], {mappings}): quote it to pass it as a "
+                       "string, or fix it")
+    assert not marker.exists() and not run.exists()
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -428,3 +470,58 @@ def test_pickled_code_in_a_checkpoint_never_runs_without_trust(tmp_path: Path, s
 
     assert load_teacher(teacher, trust=True).source_format == "native"
     assert marker.exists()   # the same file, trusted, runs its payload: the refusals above were the only guard
+
+
+def test_a_student_file_with_missing_and_extra_keys(tmp_path: Path, synth_root: Path) -> None:
+    """`eval` of a run whose student.pt lost four tensors and gained one names the file and the first keys; the
+    advice, resuming the finished run, writes the file again from the last checkpoint."""
+    from stxd_train.fit import load_student
+
+    config, run = student_yaml(tmp_path, distill=False), tmp_path / "run"
+    result = CliRunner().invoke(train_main, [str(a) for a in fit_args(config, synth_root, run)])
+    assert result.exit_code == 0, result.output
+    path = run / "student.pt"
+    saved = torch.load(path, weights_only=True)
+    weights = dict(saved["state_dict"])
+    dropped = sorted(weights)[:4]
+    for key in dropped:
+        del saved["state_dict"][key]
+    saved["state_dict"]["head.extra.weight"] = torch.zeros(3)
+    torch.save(saved, path)
+    message = cli_error(train_main, "eval", "--run", run, "--device", "cpu")
+    assert message == (f"student file {path}: its weights do not fit the bevformer student its config describes "
+                       f"(4 missing key(s): {dropped[0]}, {dropped[1]}, {dropped[2]} and 1 more; 1 unexpected key(s): "
+                       "head.extra.weight). `stxd-train fit` writes the weights and their config together, so the "
+                       "file was altered or replaced: write it again from the run's last checkpoint (the same "
+                       "`stxd-train fit` command with --resume) or train the run again")
+    assert not (run / "metrics.json").exists()
+
+    result = CliRunner().invoke(train_main, [str(a) for a in fit_args(config, synth_root, run, "--resume")])
+    assert result.exit_code == 0, result.output
+    restored = load_student(path, torch.device("cpu")).state_dict()
+    assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
+
+
+def test_eval_of_an_altered_teacher_file_does_not_offer_trust(tmp_path: Path, synth_root: Path) -> None:
+    """`stxd-train eval` has no --trust-checkpoint: for a teacher run whose teacher.pt now carries pickled code,
+    it says the file was altered and how to write it again, and runs none of the code."""
+    raw = yaml.safe_load((REPO / "configs" / "teacher" / "centerpoint_synth.yaml").read_text())
+    raw["model"] = TINY_TEACHER
+    raw["train"].update(max_steps=1, checkpoint_every=1, log_every=1)
+    raw["data"].update(num_workers=0)
+    config, run = tmp_path / "teacher.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(train_main, ["teacher", "--config", str(config), "--dataroot", str(synth_root),
+                                             "--version", VERSION, "--out", str(run), "--device", "cpu", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    marker = tmp_path / "payload_ran"
+    path = run / "teacher.pt"
+    torch.save({**torch.load(path, weights_only=True), "payload": _Payload(marker)}, path)
+    message = cli_error(train_main, "eval", "--run", run, "--device", "cpu")
+    assert message.startswith(f"teacher checkpoint {path} holds objects that safe loading refuses (Unsupported "
+                              "global: GLOBAL exec was not an allowed global")
+    assert message.endswith("it was not unpickled, so none of its code ran. `stxd-train teacher` writes it with "
+                            "tensors and plain values only, so the file was altered or replaced: write it again with "
+                            "`stxd-train teacher` (the run's own command with --resume rewrites it from the run's "
+                            "last checkpoint)")
+    assert "--trust-checkpoint" not in message and not marker.exists()

@@ -10,6 +10,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -395,3 +396,93 @@ def test_extract_into_a_complete_cache_writes_nothing(processes: Any, synth_root
     assert message.startswith(f"cache {copy} was made for something else") and \
            "token_grid: store has 4, requested 2" in message, message
     assert _stamps(copy) == before
+
+
+# ----------------------------------------------------------------------------------------- one writer per store
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny teacher (other weights, same architecture): its cache has another fingerprint."""
+    from tiny import tiny_teacher_checkpoint
+
+    return tiny_teacher_checkpoint(tmp_path_factory.mktemp("other") / "teacher.pt", seed=1)
+
+
+def _teacher_sha(out: Path) -> str:
+    return open_cache(out).meta.teacher.sha256
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_blocks_nothing(
+        processes: Any, synth_root: Path, teacher_ckpt: Path, other_teacher: Path, tmp_path: Path) -> None:
+    import socket
+
+    out, config = tmp_path / "cache.zarr", cache_config_file(tmp_path)
+    marker = tmp_path / "finalizing"
+    holder = _start(processes, extract_args(synth_root, teacher_ckpt, out, config), tmp_path / "a",
+                    pause_marker=str(marker))
+    _wait_for(marker.exists, holder, "finalize")   # every row written, the lock held
+    for name, ckpt in (("b", other_teacher), ("same", teacher_ckpt)):
+        code, _, err = _run(processes, extract_args(synth_root, ckpt, out, config), tmp_path / name)
+        assert code == 2, err
+        message = error_paragraph(err)
+        assert message.startswith(f"cache {out} is being written by another extraction (pid {holder.pid} on host "
+                                  f"{socket.gethostname()}, since "), message
+    _kill(holder)
+    code, _, err = _run(processes, extract_args(synth_root, teacher_ckpt, out, config), tmp_path / "resume")
+    assert code == 0, err
+    assert verify(out).ok and _teacher_sha(out) == _file_sha(teacher_ckpt)
+    assert "stxd_writer" not in zarr.open_group(str(out), mode="r").attrs   # finalize drops the holder's name
+
+
+def test_two_extractions_started_together_leave_one_teachers_verified_cache(
+        processes: Any, synth_root: Path, teacher_ckpt: Path, other_teacher: Path, tmp_path: Path) -> None:
+    out, config = tmp_path / "cache.zarr", cache_config_file(tmp_path)
+    runs = {ckpt: _start(processes, extract_args(synth_root, ckpt, out, config), tmp_path / ckpt.parent.name)
+            for ckpt in (teacher_ckpt, other_teacher)}
+    codes = {}
+    for ckpt, process in runs.items():
+        process.join(180)
+        codes[ckpt] = process.exitcode
+    winners = [ckpt for ckpt, code in codes.items() if code == 0]
+    assert len(winners) == 1, codes
+    loser = next(ckpt for ckpt in runs if ckpt != winners[0])
+    assert codes[loser] == 2
+    message = error_paragraph(Path(f"{tmp_path / loser.parent.name}.err").read_text())
+    assert "is being written by another extraction" in message or "was made for something else" in message, message
+    report = verify(out)
+    assert report.ok, report.problems   # the row digests tie every row to the winner's fingerprint
+    assert _teacher_sha(out) == _file_sha(winners[0])
+
+
+def test_ctrl_c_of_a_dask_extraction_prints_one_line_and_the_store_resumes(
+        synth_root: Path, teacher_ckpt: Path, cache: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: the command, the dask nanny and workers."""
+    out = tmp_path / "cache.zarr"
+    argv = [str(BIN / "stxd-cache"), *extract_args(synth_root, teacher_ckpt, out, cache_config_file(tmp_path)),
+            "--workers", "2"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 180
+    while _done_rows(out) < 1:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no row done within 180 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert re.fullmatch(rf"interrupted: \d+ of {SAMPLES} rows of {out} are written; re-run the same command to "
+                        "resume from there", lines[0]), lines[0]
+    resumed = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_store(cache, out)

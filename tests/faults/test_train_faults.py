@@ -1,9 +1,11 @@
 """Faults around `stxd-train fit`: a run SIGKILLed after a checkpoint and resumed through the CLI matches an
-uninterrupted run exactly, and a damaged or unfinished teacher cache is refused with a one-paragraph error that
-names the sample, never trained on and never left looking like a finished run."""
+uninterrupted run exactly; a damaged or unfinished teacher cache is refused with a one-paragraph error that
+names the sample, never trained on and never left looking like a finished run; a full disk and a non-finite
+loss stop the run with the file or the samples named and the way on."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from stxd_cache.store import open_cache
 from stxd_train.cli import main as train_main
+from stxd_train.engine import ResumableSampler
 from tiny import BIN, cli_error, flip_byte_of_row, shard_path, tiny_student
 
 VERSION = "v1.0-synth"
@@ -186,3 +190,79 @@ def test_unfinished_cache_is_refused_at_start_up(tmp_path: Path, synth_root: Pat
     assert f"cache {store} is not complete (every row done, finalize not run)" in message
     assert "re-run the same `stxd-cache extract` to finish it" in message
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- a full disk, a NaN loss
+
+
+def _fit_args(config: Path, root: Path, cache: Path, out: Path, *extra: str) -> list[object]:
+    return ["--config", config, "--dataroot", root, "--version", VERSION, "--out", out, "--cache", cache,
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize(("target", "failing_save"), [("last.pt", 2), ("student.pt", 1)],
+                         ids=["second-checkpoint", "student-file"])
+def test_a_full_disk_fails_cleanly_then_resume_finishes_the_run(target: str, failing_save: int, tmp_path: Path,
+                                                                synth_root: Path, cache: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from `torch.save` into `target` (after a few bytes are written) from its `failing_save`-th write on: fit
+    stops with a one-paragraph error that names the file and the next step, leaves no partial or temporary file,
+    and `--resume` then finishes the run from the last checkpoint."""
+    real_save, saves = torch.save, []
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if Path(getattr(f, "name", str(f))).name.startswith(f".{target}."):
+            saves.append(1)
+            if len(saves) >= failing_save:   # a full disk stays full
+                f.write(b"the first bytes")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    config = _student_config(tmp_path, max_steps=4, checkpoint_every=2)
+    run = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", save)
+    message = _fit_fails(*_fit_args(config, synth_root, cache, run))
+    monkeypatch.undo()
+    path = run / "checkpoints" / "last.pt" if target == "last.pt" else run / "student.pt"
+    assert message.startswith(f"writing {path} failed: the disk is full ([Errno 28] No space left on device); free "
+                              f"space on the disk that holds {path.parent} (old runs, `checkpoints/step_*.pt` copies")
+    assert message.endswith("then continue the run with the same command and --resume: it starts again from the "
+                            "run's last checkpoint, checkpoints/last.pt, which a failed write leaves as it was")
+    assert not (run / "student.pt").exists()
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]) == (2 if target == "last.pt"
+                                                                                             else 4)
+    seconds = (run / "train_seconds.txt").read_text() if target == "student.pt" else None
+
+    result = CliRunner().invoke(train_main, ["fit", *map(str, _fit_args(config, synth_root, cache, run, "--resume"))])
+    assert result.exit_code == 0, result.output
+    assert [line["step"] for line in _metrics(run)] == [1, 2, 3, 4]
+    assert int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]) == 4
+    assert set(torch.load(run / "student.pt", weights_only=True)) == {"config", "state_dict", "adapter"}
+    if seconds is not None:   # the resume trained no step: the time of the run that did is kept
+        assert (run / "train_seconds.txt").read_text() == seconds
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 100], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_a_non_finite_loss_names_the_samples_and_the_cache(checkpoint_every: int, tmp_path: Path, synth_root: Path,
+                                                           cache: Path, train_index) -> None:
+    """An absurd learning rate blows the weights up in step 1, so the loss of step 2 is not finite: the error names
+    that batch's samples and the command that verifies the cache, and offers --resume only when a checkpoint
+    exists."""
+    config = _student_config(tmp_path, max_steps=4, checkpoint_every=checkpoint_every)
+    run = tmp_path / "run"
+    message = _fit_fails(*_fit_args(config, synth_root, cache, run, "--set", "optim.lr=1.0e+30"))
+    # The second batch of epoch 0: what the sampler that fit builds gives.
+    order = ResumableSampler(len(train_index), batch_size=2, shuffle=True, seed=0, drop_last=True).order(0)
+    tokens = [train_index.tokens[i] for i in order[2:4]]
+    assert message.startswith("step 2 (epoch 0, batch 1 of the epoch): loss term(s) ")
+    assert (f"Check this batch's inputs and targets (sample(s) {tokens[0]}, {tokens[1]}); its teacher records come "
+            f"from the cache {cache}: check them with `stxd-cache verify {cache}`; lower optim.lr") in message
+    assert {t for t in train_index.tokens if t in message} == set(tokens)
+    last = run / "checkpoints" / "last.pt"
+    if checkpoint_every == 1:
+        assert message.endswith(f"the last checkpoint {last} is intact: continue from it with --resume")
+    else:
+        assert "--resume" not in message and not last.exists()
+        assert message.endswith("so there is nothing to resume: train again from the start")
+    assert not (run / "student.pt").exists()

@@ -164,6 +164,63 @@ def test_sweep_of_two_variants_in_parallel_reads_one_cache(tmp_path: Path, synth
     assert table[1]["rows"] == len(SampleIndex.load(synth_root, "v1.0-synth", ["synth_val"])) * 8 * 8
 
 
+def test_sweep_resumes_a_run_that_stopped_early_and_refuses_another_config(tmp_path: Path, synth_root: Path,
+                                                                           cache: Path) -> None:
+    """A run whose student.pt exists but whose last checkpoint is short of `train.max_steps` (rolled back to step 1
+    here, or the grid raised `max_steps`) is not taken as done: the sweep resumes it from that checkpoint. A
+    finished run is left alone, and a run folder trained with another config is refused."""
+    import shutil
+
+    import yaml
+
+    from pipelines.config import load_config
+    from pipelines.errors import StxdError
+    from stxd_train.sweep import SweepConfig, run_sweep
+
+    raw = tiny_student("bevformer")
+    raw["train"].update(max_steps=2, checkpoint_every=1, keep_checkpoints=True)
+    base = tmp_path / "student.yaml"
+    base.write_text(yaml.safe_dump(raw))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"config": str(base), "seeds": [0], "evaluate": False,
+                                    "variants": [{"name": "baseline"}]}))
+    out = tmp_path / "sweep"
+    run = out / "baseline" / "seed0"
+
+    def sweep(*overrides: str) -> list[dict]:
+        return run_sweep(load_config(SweepConfig, grid, overrides), cache=str(cache), dataroot=str(synth_root),
+                         version="v1.0-synth", out=out, progress=False)
+
+    def commands() -> list[str]:
+        return [line for line in (run / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+
+    def last_step() -> int:
+        return int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"])
+
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    sweep()
+    assert len(commands()) == 1 and "--resume" not in commands()[0] and last_step() == 2
+    # Stopped early: the last checkpoint is the one of step 1, the student file still there.
+    shutil.copyfile(run / "checkpoints" / "step_000001.pt", run / "checkpoints" / "last.pt")
+    written = (run / "student.pt").stat().st_mtime_ns
+    sweep()
+    assert len(commands()) == 2 and commands()[1].endswith("--resume --set train.seed=0")
+    assert last_step() == 2 and steps() == [1, 2] and (run / "student.pt").stat().st_mtime_ns != written
+    sweep()   # finished: nothing runs
+    assert len(commands()) == 2
+    sweep("set=[train.max_steps=3]")   # a longer schedule continues the run
+    assert len(commands()) == 3 and "--resume" in commands()[2] and last_step() == 3 and steps() == [1, 2, 3]
+    with pytest.raises(StxdError) as refused:
+        sweep("set=[train.max_steps=3, optim.lr=0.01]")
+    assert str(refused.value) == (
+        f"sweep run baseline seed 0: {run / 'config.yaml'} is not the config that the grid gives this run (1 field(s) "
+        "differ: optim.lr: run has 0.001, now 0.01); it was trained with another grid, cache or dataset. Move "
+        f"{run} away to train it again, or give this sweep another --out")
+    assert len(commands()) == 3
+
+
 def test_sweep_runs_seed_major() -> None:
     from stxd_train.sweep import SweepConfig, Variant, plan, run_order
 

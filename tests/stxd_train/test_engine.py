@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pipelines.errors import ConfigError
 from stxd_train.engine import (
     CheckpointError,
     CheckpointHook,
+    CheckpointWriteError,
     HookBase,
     MetricsHook,
     NonFiniteLossError,
@@ -27,6 +29,8 @@ from stxd_train.engine import (
     ResumableSampler,
     Trainer,
     TrainingError,
+    atomic_write,
+    atomic_write_text,
     build_optimizer,
     build_scheduler,
     deterministic,
@@ -171,11 +175,18 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
 
     def broken_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
         f.write(b"partial checkpoint bytes")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError) as failed:
         make_trainer(tmp_path, max_steps=10, hooks=[CheckpointHook(every=5)]).train(resume=True)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert str(failed.value).startswith(f"writing {last} failed: the disk is full ([Errno 28] No space left on "
+                                        f"device); free space on the disk that holds {last.parent} (old runs")
+    assert str(failed.value).endswith("then continue the run with the same command and --resume: it starts again "
+                                      "from the run's last checkpoint, checkpoints/last.pt, which a failed write "
+                                      "leaves as it was")
+    assert isinstance(failed.value.__cause__, OSError)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 5
     monkeypatch.undo()
@@ -190,8 +201,25 @@ def test_non_finite_loss_names_step_and_term(tmp_path: Path) -> None:
             terms = super().forward(batch)
             return {**terms, "bad": terms["mse"] * float("nan")}
 
-    with pytest.raises(NonFiniteLossError, match=r"step 1 .*'bad' = nan"):
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*'bad' = nan") as failed:
         make_trainer(tmp_path, max_steps=3, model=Exploding()).train()
+    # A dict batch names no samples; no checkpoint was written, so --resume is not offered.
+    assert "sample(s)" not in str(failed.value) and "--resume" not in str(failed.value)
+    assert str(failed.value).endswith(f"no checkpoint was written before this step ({tmp_path / 'checkpoints'} "
+                                      "holds none), so there is nothing to resume: train again from the start")
+
+
+def test_write_errors_other_than_a_full_disk(tmp_path: Path) -> None:
+    def refused(f: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    with pytest.raises(CheckpointWriteError) as failed:
+        atomic_write(tmp_path / "a.txt", refused, then="then try again")
+    assert str(failed.value) == (f"writing {tmp_path / 'a.txt'} failed: the file system refused it ([Errno 13] "
+                                 "Permission denied); fix that (permissions, a read-only or unmounted disk), then "
+                                 "try again")
+    assert list(tmp_path.iterdir()) == []   # no temporary file left
+    assert atomic_write_text(tmp_path / "a.txt", "ok\n").read_text() == "ok\n"
 
 
 def test_model_output_is_checked(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pipelines.config import from_dict
 from pipelines.errors import ConfigError
 from stxd_train.cli import main
 from stxd_train.fit import StudentRunConfig, fit
-from tiny import tiny_student
+from tiny import cli_error, tiny_student
 
 VERSION = "v1.0-synth"
 
@@ -78,6 +79,29 @@ def test_resume_checks_the_config(tmp_path: Path, synth_root: Path) -> None:
     with pytest.raises(ConfigError, match="never started"):
         fit(from_dict(StudentRunConfig, raw), dataroot=str(synth_root), version=VERSION, out=tmp_path / "new",
             device="cpu", resume=True)
+
+
+def test_the_resume_advice_works_when_followed(tmp_path: Path, synth_root: Path) -> None:
+    """A resume with another config is refused with the advice `--config RUN/config.yaml`; given as advised (with
+    the run's data options), that file resumes the run, here extended from 2 to 4 steps. It is a student config
+    only: the teacher command refuses it."""
+    raw = tiny_student("bevformer")
+    raw["train"]["max_steps"] = 2
+    config, run = tmp_path / "student.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(raw))
+    base = ("--dataroot", synth_root, "--version", VERSION, "--out", run, "--device", "cpu")
+    _invoke("fit", "--config", config, *base)
+    message = cli_error(main, "fit", "--config", config, *base, "--resume", "--set", "optim.lr=0.01", "--set",
+                        "train.max_steps=4")
+    assert "optim.lr: run has 0.001, now 0.01" in message
+    advised = re.search(r"resume with `--config (\S+)`", message).group(1)
+    assert advised == str(run / "config.yaml")
+    _invoke("fit", "--config", advised, *base, "--resume", "--set", "train.max_steps=4")
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.001 and saved["train"]["max_steps"] == 4 and saved["kind"] == "student"
+    message = cli_error(main, "teacher", "--config", advised, *base, "--resume")
+    assert message.startswith(f"{advised} is the config.yaml of a run of kind 'student', expected a teacher config")
 
 
 def test_bad_inputs_fail_at_start_up(tmp_path: Path, synth_root: Path, cache: Path) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from click.testing import CliRunner
 
 from pipelines.config import read_yaml
+from stxd_train.cli import main
+from tiny import cli_error
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -53,3 +57,20 @@ def test_train_resume_and_evaluate(synth_root: Path, tmp_path: Path) -> None:
                                capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"NDS {metrics['NDS']:.4f}" in evaluated.stdout   # the same teacher scores the same
+
+
+def test_the_resume_advice_works_when_followed(synth_root: Path, tmp_path: Path) -> None:
+    """`--config RUN/config.yaml`, as the refusal of a changed config advises, resumes a teacher run."""
+    config, run = _tiny_run_config(tmp_path), tmp_path / "run"
+    base = ["--dataroot", str(synth_root), "--version", "v1.0-synth", "--out", str(run), "--device", "cpu",
+            "--no-eval"]
+    result = CliRunner().invoke(main, ["teacher", "--config", str(config), *base, "--set", "train.max_steps=1"])
+    assert result.exit_code == 0, result.output
+    message = cli_error(main, "teacher", "--config", config, *base, "--resume", "--set", "optim.lr=0.5")
+    advised = re.search(r"resume with `--config (\S+)`", message).group(1)
+    assert advised == str(run / "config.yaml")
+    result = CliRunner().invoke(main, ["teacher", "--config", advised, *base, "--resume", "--set", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    saved = read_yaml(run / "config.yaml")
+    assert saved["kind"] == "teacher" and saved["train"]["max_steps"] == 2
