@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
+    from pipelines.matches import MATCHES_FILE, empty_matches, match_frames
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split_scene_names(nusc, split)   # a clear error for an unknown split, before the devkit asserts
@@ -110,6 +113,8 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
     if not any(submission["results"].values()):
         # The devkit cannot score a submission without a single box; its result would be this one.
         metrics = _empty_metrics(split, len(submission["results"]), cfg.dist_ths)
+        metrics["source"] = source_revision()
+        empty_matches(list(submission["results"]), cfg).save(out / MATCHES_FILE)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if report:
             metrics["report"] = str(_write_summary(out, metrics, plots=None))
@@ -133,12 +138,36 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
         "per_class_AP": {k: float(v) for k, v in summary["mean_dist_aps"].items()},
         "samples": len(evaluator.sample_tokens),
         "per_class": _per_class(summary),
+        "source": source_revision(),
     }
+    match_frames(evaluator.gt_boxes, evaluator.pred_boxes, cfg).save(out / MATCHES_FILE)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if report:
         plots = _write_plots(out / "plots", scored, curves)
         metrics["report"] = str(_write_summary(out, metrics, plots=plots))
     return metrics
+
+
+def source_revision() -> dict[str, str | bool | None]:
+    """The commit of the stxd source tree that is running: {"commit": `git rev-parse HEAD`, "dirty": whether
+    tracked files differ from it or untracked, unignored files exist}; both None when the code does not run from a
+    git checkout of stxd (an installed copy, or no git)."""
+    tree = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    head = git("rev-parse", "--show-toplevel", "HEAD")
+    lines = head.splitlines() if head else []
+    # A copy installed under a checkout (e.g. a virtual environment inside it) is not that checkout's code.
+    if len(lines) != 2 or Path(lines[0]).resolve() != tree:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain")
+    return {"commit": lines[1], "dirty": None if status is None else bool(status.strip())}
 
 
 def _finite(value: float) -> float | None:

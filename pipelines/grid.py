@@ -156,18 +156,35 @@ def _sampling_grid(src: BEVGrid, dst: BEVGrid) -> tuple[np.ndarray, np.ndarray]:
     return normalised, inside
 
 
+def _pooling_factors(src: BEVGrid, dst: BEVGrid) -> tuple[int, int] | None:
+    """(rows, cols) of src cells per dst cell when `dst` covers the range of `src` with cells made of a whole
+    number of src cells along each axis (at least one of them more than 1); None otherwise."""
+    if not src.same_range(dst):
+        return None
+    (src_rows, src_cols), (dst_rows, dst_cols) = src.shape, dst.shape
+    if src_rows % dst_rows or src_cols % dst_cols or (src_rows, src_cols) == (dst_rows, dst_cols):
+        return None
+    return src_rows // dst_rows, src_cols // dst_cols
+
+
 def resample(features: Any, src: BEVGrid, dst: BEVGrid) -> Any:
-    """Features on grid `src` sampled at the cell centres of grid `dst`, e.g. a cached teacher map onto
-    the student's grid.
+    """Features on grid `src` brought to the cells of grid `dst`, e.g. a teacher BEV map onto the distillation
+    grid, or a cached map onto the student's grid.
 
     features: (..., C, H_src, W_src) on `src`, numpy or torch. Returns (..., C, H_dst, W_dst) on `dst`, of
     the same kind, dtype and device.
 
-    This is bilinear point sampling (`grid_sample`, no anti-aliasing): when downsampling, each dst cell
-    reads the four nearest src cells rather than averaging all of them. That is acceptable here because
-    teacher BEV features are smooth at the scale of a cell (they come out of several strided 3×3 convs),
-    and it keeps one code path for any ratio (e.g. 180 → 128). Between the outermost src cell centres and the
-    src edge the border value is used; dst centres outside the src range get exactly zero.
+    - Same grid: a copy.
+    - Same range, each dst cell a whole block of ry × rx src cells (e.g. 128 → 32: 4 × 4): the mean of the block
+      (`avg_pool2d`). Point sampling there would alias: at 128 → 32 each dst cell would read only the middle
+      2 × 2 of its 4 × 4 block, and features finer than the dst cells (small objects) would be missed or not
+      depending on where they fall in the block. At a ratio of 2 both give the block mean.
+    - Any other pair (upsampling, a non-integer ratio such as 180 → 128, another range): bilinear point sampling
+      at the dst cell centres (`grid_sample`). Between the outermost src cell centres and the src edge the
+      border value is used; dst centres outside the src range get exactly zero.
+
+    The teacher cache, the online teacher and the distiller all call this one function, so that cached and online
+    records stay the same.
     """
     import torch
     import torch.nn.functional as F
@@ -187,15 +204,18 @@ def resample(features: Any, src: BEVGrid, dst: BEVGrid) -> Any:
     if not tensor.is_floating_point():
         raise TypeError(f"resample needs floating-point features, got {tensor.dtype}")
     if src.shape == dst.shape and src.same_range(dst):
-        out = tensor.clone()
+        return tensor.clone().numpy() if is_numpy else tensor.clone()
+    work_dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+    lead = tensor.shape[:-2]
+    flat = tensor.reshape(1, math.prod(lead), *src.shape).to(work_dtype)
+    factors = _pooling_factors(src, dst)
+    if factors is not None:
+        sampled = F.avg_pool2d(flat, kernel_size=factors, stride=factors)
     else:
-        work_dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
         normalised, inside = _sampling_grid(src, dst)
         grid = torch.as_tensor(normalised, dtype=work_dtype, device=tensor.device)[None]
-        lead = tensor.shape[:-2]
-        flat = tensor.reshape(1, math.prod(lead), *src.shape).to(work_dtype)
         sampled = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
         mask = torch.as_tensor(inside, device=tensor.device)
         sampled = torch.where(mask, sampled, torch.zeros((), dtype=work_dtype, device=tensor.device))
-        out = sampled.reshape(*lead, *dst.shape).to(tensor.dtype)
+    out = sampled.reshape(*lead, *dst.shape).to(tensor.dtype)
     return out.numpy() if is_numpy else out

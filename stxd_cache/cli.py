@@ -37,10 +37,10 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     from tqdm import tqdm
 
     from pipelines.config import load_config
+    from pipelines.device import resolve_device
     from stxd_cache.extract import ExtractConfig, ExtractJob
     from stxd_cache.extract import extract as run_extract
     from stxd_cache.store import is_complete
-    from stxd_cache.teacher.model import resolve_device
     from stxd_cache.verify import cache_info
 
     if workers and scheduler:
@@ -165,3 +165,48 @@ def show(cache: str, token: str, out: str, dataroot: str | None, version: str | 
         gt = index.get(token).gt.boxes
     render_record(record, reader.meta.grid, out, gt_boxes=gt, min_score=min_score)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--dataroot", required=True, type=click.Path(), help="Dataset root whose GT the teacher is judged by.")
+@click.option("--version", help="Table folder of --dataroot (default: the cache's).")
+@click.option("--split", "splits", multiple=True, help="Split to audit (repeatable; default: the cache's splits).")
+@click.option("--min-score", default=0.3, show_default=True, help="Teacher boxes audited from this score up.")
+@click.option("--bin-width", default=0.1, show_default=True, help="Width of the score bins of the calibration.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the full audit as JSON here.")
+def audit(cache: str, dataroot: str, version: str | None, splits: tuple[str, ...], min_score: float,
+          bin_width: float, json_path: str | None) -> None:
+    """Judge the cached teacher boxes by the GT: class agreement, heading and velocity errors, score calibration.
+
+    Per teacher class and overall, for boxes scoring at least --min-score: the share of the boxes overlapping a GT
+    box whose best-overlap GT (BEV IoU, any class) has the same class; against the same-class GT matched by centre
+    distance (< 2 m, greedily by score): precision, recall, heading error (median, 90th percentile, share flipped
+    by more than 90°) and median velocity error; and the precision per score bin with the expected calibration
+    error (ECE). Headings are compared modulo 2π for every class, so the numbers are raw: the nuScenes devkit
+    compares barrier modulo π and ignores traffic_cone orientation. Prints markdown tables; --json writes every
+    number (headings in radians) and, per class, the classes of the GT boxes its boxes overlap.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from pipelines.paths import check_output_path
+    from stxd_cache.audit import audit_cache, audit_markdown
+
+    if json_path is not None:
+        check_output_path(json_path, option="--json", inputs={"the cache": cache, "--dataroot": dataroot})
+    bar = tqdm(desc="audit", unit="sample", disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    report = audit_cache(cache, dataroot=dataroot, version=version, splits=splits or None, min_score=min_score,
+                         bin_width=bin_width, progress=progress)
+    bar.close()
+    click.echo(audit_markdown(report), nl=False)
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        click.echo(f"wrote {json_path}")

@@ -367,7 +367,9 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
     with _writing(path, "the new store"):
         # Mode "a", never "w": "w" clears whatever the path holds. Only an empty folder or a creation of our own that
         # was interrupted (marked `stxd_creating`) gets here, and its arrays are replaced one by one.
-        group = zarr.open_group(path, mode="a", zarr_format=3)
+        # The creating marker is in the group's first metadata document, so a kill at any point leaves a store that
+        # reads as an interrupted creation (which this branch redoes), never as a foreign group.
+        group = zarr.open_group(path, mode="a", zarr_format=3, attributes={_CREATING_KEY: True, **holder})
         group.attrs.put({_CREATING_KEY: True, **holder})
         for stale in set(group.array_keys()) - set(array_specs(meta)):
             del group[stale]

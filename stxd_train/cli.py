@@ -122,28 +122,37 @@ def eval_(run_dir: str, split: str | None, dataroot: str | None, device: str) ->
 @click.option("--device", default="cpu", show_default=True, help="Device of every run.")
 def sweep(cache: str, grid_path: str, out: str, dataroot: str | None, version: str | None, parallel: int,
           overrides: tuple[str, ...], device: str) -> None:
-    """Train and evaluate a grid of students against one cache; writes OUT/results.md and OUT/results.json."""
+    """Train and evaluate a grid of students against one cache; writes OUT/results.md and OUT/results.json.
+
+    With a `reference` variant in the grid, the table adds each other variant's per-seed differences to it, their
+    mean and 95% intervals (paired t over seeds, bootstrap over the evaluation frames)."""
+    from pathlib import Path
+
     from pipelines.config import load_config
     from pipelines.errors import ConfigError
-    from stxd_train.sweep import SweepConfig, results_markdown, run_sweep
+    from stxd_train.sweep import SweepConfig, run_sweep
 
     cfg = load_config(SweepConfig, grid_path, overrides)
     dataroot, version = dataroot or cfg.dataroot, version or cfg.version
     if not dataroot or not version:
         raise ConfigError(f"{grid_path} names no dataroot/version; pass --dataroot and --version")
-    rows = run_sweep(cfg, cache=cache, dataroot=dataroot, version=version, out=out, parallel=parallel,
-                     device=device)
-    click.echo(results_markdown(rows, early_steps=cfg.early_steps))
+    run_sweep(cfg, cache=cache, dataroot=dataroot, version=version, out=out, parallel=parallel, device=device)
+    click.echo((Path(out) / "results.md").read_text(), nl=False)
 
 
 @main.command()
 @click.option("--run", "runs", multiple=True, required=True, type=click.Path(file_okay=False),
               help="Evaluated run folder (repeatable): one column each.")
-def compare(runs: tuple[str, ...]) -> None:
-    """Evaluated runs side by side: NDS, mAP, the TP errors and AP per class."""
+@click.option("--reference", metavar="VARIANT|RUN",
+              help="Also show every variant's differences to this one, run by run of the same train.seed, with 95% "
+                   "intervals (paired t over seeds, bootstrap over the evaluation frames). Variant of a run: the "
+                   "parent folder's name for OUT/<variant>/seed<N>, else the run folder's name.")
+@click.option("--draws", default=1000, show_default=True, help="Frame resamples of the bootstrap (0: none).")
+def compare(runs: tuple[str, ...], reference: str | None, draws: int) -> None:
+    """Evaluated runs side by side: NDS, mAP, the TP errors, AP per class and the commit each was scored with."""
     from stxd_train.sweep import compare_markdown
 
-    click.echo(compare_markdown(list(runs)))
+    click.echo(compare_markdown(list(runs), reference=reference, draws=draws))
 
 
 @main.command()
@@ -154,19 +163,32 @@ def compare(runs: tuple[str, ...]) -> None:
 @click.option("--dataroot", type=click.Path(), help="Dataset root (default: the first run's).")
 @click.option("--version", help="Table folder (default: the first run's).")
 @click.option("--max-rows", default=100_000, show_default=True, help="BEV cells sampled per feature set.")
+@click.option("--orientation", is_flag=True,
+              help="Also print each --run's per-class orientation error (AOE) from RUN/metrics.json.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 def diagnose(cache: str, runs: tuple[str, ...], split: str, dataroot: str | None, version: str | None,
-             max_rows: int, device: str) -> None:
-    """Effective dimension (d_eff) of teacher and student BEV features: the participation ratio of the
-    feature covariance's eigenvalues."""
+             max_rows: int, orientation: bool, device: str) -> None:
+    """Effective dimension (d_eff) of teacher and student BEV features, with --orientation the runs' AOE per class.
+
+    d_eff is the participation ratio of a spectrum, of the feature covariance (cov) and of the correlation matrix
+    of the channels standardised to unit variance (corr). Rows: the teacher's cached BEV, each run's raw BEV and,
+    for a run distilled through an adapter, its adapted BEV. CD is blind to the scale of each adapter output
+    channel, so the adapted BEV's cov d_eff depends on arbitrary scales: read its corr d_eff. The AOE per class
+    is the nuScenes devkit's, as `stxd-train eval` stored it (barrier modulo π, traffic_cone not scored).
+    """
+    from stxd_train.diagnose import deff_markdown, orientation_markdown
     from stxd_train.diagnose import diagnose as run_diagnose
 
+    if orientation and not runs:
+        raise click.UsageError("--orientation reads the metrics of the --run folders; pass at least one --run")
+    # Read before the slow feature pass, so that a run not yet scored fails at once.
+    aoe = orientation_markdown(runs) if orientation else None
     table = run_diagnose(cache, runs=runs, split=split, dataroot=dataroot, version=version, device=device,
-                         max_rows=max_rows)
-    click.echo("| features | channels | BEV cells | d_eff |")
-    click.echo("|---|---:|---:|---:|")
-    for row in table:
-        click.echo(f"| {row['features']} | {row['channels']} | {row['rows']} | {row['d_eff']:.2f} |")
+                         max_rows=max_rows, raw_bev=True)
+    click.echo(deff_markdown(table), nl=False)
+    if aoe is not None:
+        click.echo("")
+        click.echo(aoe, nl=False)
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -24,7 +24,7 @@ from pipelines.errors import ConfigError, SensorFileError
 from pipelines.geometry import invert
 from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex, SampleInfo
-from stxd_train.distill.response import best_gt_iou
+from stxd_train.distill.response import DEFAULT_MATCH, GTMatch, best_gt_iou
 
 if TYPE_CHECKING:
     from stxd_cache.schema import CacheRecord
@@ -81,8 +81,8 @@ class CameraSample:
     cache: CacheRecord | None = None
     """The teacher's cached record of this sample, when the dataset has a cache."""
     cache_iou: torch.Tensor | None = None
-    """(M,) each cached teacher box's best BEV IoU with `gt_boxes` (RD's quality), computed here, in the loader
-    worker, rather than in the training step; None without a cache or when RD is off."""
+    """(M,) each cached teacher box's BEV IoU with its matched GT box in `gt_boxes` (RD's quality, `best_gt_iou`),
+    computed here, in the loader worker, rather than in the training step; None without a cache or when RD is off."""
     points: tuple[torch.Tensor | None, ...] | None = None
     """LiDAR points (N, 5) of the keyframe and its previous keyframes (None where missing), each in its own
     LiDAR frame, for an online teacher; None otherwise."""
@@ -116,7 +116,8 @@ class CameraDataset(Dataset[CameraSample]):
 
     def __init__(self, index: SampleIndex, *, image_size: tuple[int, int], grid: BEVGrid, queue: int = 0,
                  augment: CameraAugmentConfig | None = None, seed: int = 0, min_points: int = 1,
-                 cache_path: str | None = None, gt_iou: bool = True, lidar: LidarFrames | None = None) -> None:
+                 cache_path: str | None = None, gt_iou: bool = True, gt_match: GTMatch = DEFAULT_MATCH,
+                 lidar: LidarFrames | None = None) -> None:
         """
         Args:
             index: the samples; built with `k_prev >= queue`.
@@ -128,6 +129,7 @@ class CameraDataset(Dataset[CameraSample]):
             min_points: GT boxes with fewer LiDAR points are not targets.
             cache_path: a complete teacher cache that holds every sample of `index`.
             gt_iou: with a cache, compute each teacher box's best GT IoU (`cache_iou`, for RD) in the loader.
+            gt_match: how `cache_iou` matches teacher and GT boxes (the distill config's `gt_match`).
             lidar: LiDAR frames to load for an online teacher (the index needs `k_prev >= lidar.k`).
         """
         if queue < 0:
@@ -141,6 +143,7 @@ class CameraDataset(Dataset[CameraSample]):
         self.min_points = min_points
         self.cache_path = cache_path
         self.gt_iou = gt_iou
+        self.gt_match = gt_match
         self.lidar = lidar
         self.epoch = 0
         self._by_token = {s.token: s for s in index}
@@ -217,7 +220,8 @@ class CameraDataset(Dataset[CameraSample]):
             record = self.cache.read(int(self._cache_rows[i]))
             if self.gt_iou:
                 iou = np.zeros(len(record.boxes), np.float32)
-                iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes)
+                iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes, record.labels[:record.count],
+                                                 labels, self.gt_match)
         points = None
         if self.lidar is not None:
             from stxd_train.online import load_frames

@@ -4,14 +4,18 @@ teacher's cached record of each sample.
 The adapted student BEV is `adapter(out.bev)`: a 1×1 conv (or a small stack of them) from the student's
 channels to the teacher's. The teacher BEV of the cache (on the distillation grid) is resampled to the
 student grid, whose range must be the same. TD pools the adapted student BEV to the cache's token grid; RD
-reads the student's dense head at each teacher box's centre cell (π, `CenterHead.read_at`).
+reads the student's dense head at each teacher box's centre cell (π, `CenterHead.read_codes_at`).
+
+Beside the paper's losses, `DistillConfig` holds the knobs that measurements called for, each with the paper's
+reading as an option: RD in the head's own code space and weights, a class-aware and flip-aware quality,
+foreground weights for the feature terms (CD, TD, MSE), and a warm-up of the distillation weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +24,19 @@ from torch import nn
 from pipelines.config import require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid, resample
-from stxd_train.distill import correlation_loss, feature_mse, response_loss, temporal_loss
+from stxd_cache.teacher.center_head import boxes_from_codes, codes_from_boxes
+from stxd_train.distill import correlation_loss, feature_mse, quality_weights, response_loss, temporal_loss
+from stxd_train.distill.foreground import cell_weights, gt_foreground, teacher_foreground
+from stxd_train.distill.response import GTMatch, decoded_codes
+from stxd_train.engine.distributed import unwrap_model
+from stxd_train.engine.hooks import HookBase
 
 if TYPE_CHECKING:
     from stxd_train.online import OnlineTeacher
 
 TERMS = ("cd", "td", "rd", "mse")
+RD_SPACES = ("encoded", "decoded")
+FG_MASKS = ("none", "gt", "teacher")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +55,27 @@ class DistillConfig:
     tokens: int = field(default=0, metadata={"help": "TD token grid P; 0: the cache's; else a divisor of it"})
     adapter_channels: tuple[int, ...] = field(default=(), metadata={
         "help": "hidden widths of the 1×1-conv adapter (with BN and ReLU); empty: a single 1×1 conv"})
+    rd_space: Literal["encoded", "decoded"] = field(default="encoded", metadata={
+        "help": "RD regression space. encoded: the head's own codes (cell offsets, z, log sizes, sin and cos, "
+                "velocity) weighted by its code_weights × bbox_weight, as its box loss weighs them (velocity 0.2); "
+                "decoded: the paper's reading, decoded boxes re-encoded (metres, atan2 round trip of the student's "
+                "yaw) with unit weights, so that RD outweighs the box loss and pulls hardest on the velocity"})
+    rd_class_aware: bool = field(default=True, metadata={
+        "help": "RD quality: the IoU counts only GT boxes of the teacher box's class, so that a box of the wrong "
+                "class on an object does not teach its class; false: any class (the paper's reading)"})
+    rd_drop_flipped: bool = field(default=True, metadata={
+        "help": "RD quality: q = 0 when the matched GT box's heading is more than 90° from the teacher box's; a "
+                "box and its 180° turn have BEV IoU 1, so the IoU cannot catch a flip; false: the paper's reading"})
+    fg_mask: Literal["none", "gt", "teacher"] = field(default="gt", metadata={
+        "help": "per-cell weights of CD, TD and MSE on the student grid. gt: 1 inside GT footprints and on the "
+                "head's heatmap Gaussians around GT centres; teacher: the teacher's boxes re-drawn as a heatmap "
+                "(a Gaussian of peak score around each centre); none: every cell alike (the paper's reading)"})
+    fg_background_weight: float = field(default=0.1, metadata={
+        "help": "with fg_mask gt or teacher, the weight of background cells in [0, 1] (foreground: 1); 0.1 is a "
+                "starting value, not tuned"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "steps over which every distillation weight ramps linearly from 0 (first step) to its alpha_* "
+                "(logged terms include the ramp); 0: full weights from the first step, the paper's reading"})
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.terms) - set(TERMS))
@@ -58,11 +90,27 @@ class DistillConfig:
             (self.k >= 1, "k", self.k, "at least 1 past frame"),
             (self.tokens >= 0, "tokens", self.tokens, ">= 0"),
             (all(c >= 1 for c in self.adapter_channels), "adapter_channels", self.adapter_channels, "widths >= 1"),
+            (self.rd_space in RD_SPACES, "rd_space", self.rd_space, f"one of {', '.join(RD_SPACES)}"),
+            (self.fg_mask in FG_MASKS, "fg_mask", self.fg_mask, f"one of {', '.join(FG_MASKS)}"),
+            (0 <= self.fg_background_weight <= 1, "fg_background_weight", self.fg_background_weight, "in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "a number of steps >= 0"),
         ])
 
     @property
     def enabled(self) -> bool:
         return bool(self.terms)
+
+    @property
+    def gt_match(self) -> GTMatch:
+        """How RD's quality matches teacher boxes with GT boxes (`rd_class_aware`, `rd_drop_flipped`)."""
+        return GTMatch(class_aware=self.rd_class_aware, drop_flipped=self.rd_drop_flipped)
+
+    def warmup_factor(self, step: int | None) -> float:
+        """The factor of every distillation weight at optimizer step `step` (0 for the first):
+        min(1, step / warmup_steps); 1 without a warm-up or when the step is unknown (None)."""
+        if self.warmup_steps == 0 or step is None:
+            return 1.0
+        return min(1.0, max(step, 0) / self.warmup_steps)
 
 
 def bev_tokens(bev: torch.Tensor, token_grid: int) -> torch.Tensor:
@@ -128,6 +176,9 @@ class Distiller(nn.Module):
         needs_adapter = bool({"cd", "td", "mse"} & set(cfg.terms))
         self.adapter = (build_adapter(student.head.shared_conv.conv.in_channels, teacher_channels,
                                       cfg.adapter_channels) if needs_adapter else None)
+        self.step: int | None = None
+        """The optimizer step about to run (0 for the first), for the warm-up; set by `DistillStepHook` in a fit.
+        None (e.g. a benchmark calling the model directly): the weights are at their alpha_*."""
 
     def _teacher_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., P_c², C) cache tokens re-pooled to (..., P², C)."""
@@ -146,36 +197,92 @@ class Distiller(nn.Module):
             raise ConfigError("distillation needs teacher records: pass --cache CACHE.zarr or --teacher-online CKPT")
         out = self.student(batch)
         losses = self.student.loss(out, batch.gt_boxes, batch.gt_labels)
-        losses.update(self.distill_terms(out, record, batch.gt_boxes))
+        losses.update(self.distill_terms(out, record, batch.gt_boxes, batch.gt_labels))
         return losses
 
-    def distill_terms(self, out, cache: dict[str, torch.Tensor],
-                      gt_boxes: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def distill_terms(self, out, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor],
+                      gt_labels: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The weighted distillation terms of one batch from its teacher record (the cache's fields, or the same
-        fields computed by a live teacher)."""
+        fields computed by a live teacher).
+
+        out: the student's `StudentOutput` (bev (B, C_s, H, W) and head maps on the student grid); gt_boxes: B
+        tensors (G_i, 9) [x, y, z, w, l, h, yaw, vx, vy] in the keyframe LiDAR frame; gt_labels: B tensors (G_i,)
+        class indices, needed by a class-aware RD quality when the record has no precomputed `iou`.
+        """
         cfg, terms = self.cfg, {}
+        scale = cfg.warmup_factor(self.step)
         adapted = self.adapter(out.bev) if self.adapter is not None else None             # (B, C_t, H, W)
+        weights = self.cell_weights(cache, gt_boxes) if adapted is not None else None     # (B, H, W) or None
         if "cd" in cfg.terms or "mse" in cfg.terms:
             teacher = resample(cache["bev"].to(adapted.dtype), self.teacher_grid, self.student.grid)
             if "cd" in cfg.terms:
                 f = teacher.permute(0, 2, 3, 1).flatten(0, 2)
                 g = adapted.permute(0, 2, 3, 1).flatten(0, 2)
-                terms["loss_cd"] = cfg.alpha_cd * correlation_loss(f, g, cfg.lambda_c)
+                rows = None if weights is None else weights.flatten()                    # same (b, h, w) order
+                terms["loss_cd"] = scale * cfg.alpha_cd * correlation_loss(f, g, cfg.lambda_c, rows)
             if "mse" in cfg.terms:
-                terms["loss_mse"] = cfg.alpha_mse * feature_mse(teacher, adapted)
+                terms["loss_mse"] = scale * cfg.alpha_mse * feature_mse(teacher, adapted, weights)
         if "td" in cfg.terms:
             student_tokens = bev_tokens(adapted, self.tokens)
+            # The cell weights pooled like the features: each token's mean weight, in the token order (B, P²).
+            token_weights = None if weights is None else bev_tokens(weights[:, None], self.tokens)[..., 0]
             k = cfg.k
-            terms["loss_td"] = cfg.alpha_td * temporal_loss(
+            terms["loss_td"] = scale * cfg.alpha_td * temporal_loss(
                 self._teacher_tokens(cache["tokens"]), self._teacher_tokens(cache["past_tokens"][:, :k]),
-                student_tokens, cache["past_valid"][:, :k], tau=cfg.tau)
+                student_tokens, cache["past_valid"][:, :k], tau=cfg.tau, weights=token_weights)
         if "rd" in cfg.terms:
-            count = cache["count"]
-            m = cache["boxes"].shape[1]
-            valid = torch.arange(m, device=count.device)[None, :] < count[:, None]
-            student_boxes, student_probs, valid = self.student.head.read_at(
-                out.preds, self.student.grid, cache["boxes"], cache["labels"], valid)
-            terms["loss_rd"] = cfg.alpha_rd * response_loss(
-                cache["boxes"], cache["probs"], cache["scores"], gt_boxes, student_boxes, student_probs,
-                gamma=cfg.gamma, valid=valid, iou=cache.get("iou"))
+            terms["loss_rd"] = scale * cfg.alpha_rd * self.response_term(out, cache, gt_boxes, gt_labels)
         return terms
+
+    def cell_weights(self, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """(B, H, W) weights of the feature terms on the student grid (`fg_mask`, `fg_background_weight`), or None
+        with `fg_mask: none`. Foreground from the GT boxes or from the record's teacher boxes; the Gaussians are
+        those of the student head's heatmap targets (its `gaussian_overlap` and `min_radius`)."""
+        cfg = self.cfg
+        if cfg.fg_mask == "none":
+            return None
+        target = self.student.head.target_cfg
+        shape = {"gaussian_overlap": target.gaussian_overlap, "min_radius": target.min_radius}
+        if cfg.fg_mask == "gt":
+            fg = gt_foreground(gt_boxes, self.student.grid, **shape)
+        else:
+            count, m = cache["count"], cache["boxes"].shape[1]
+            valid = torch.arange(m, device=count.device)[None, :] < count[:, None]
+            fg = teacher_foreground(cache["boxes"], cache["scores"], valid.to(cache["boxes"].device),
+                                    self.student.grid, **shape)
+        return cell_weights(fg, cfg.fg_background_weight)
+
+    def response_term(self, out, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor],
+                      gt_labels: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """RD, unweighted by alpha: the student's head read at the teacher boxes' centre cells against the boxes,
+        in `rd_space`, with the quality of `gamma`, `rd_class_aware` and `rd_drop_flipped`."""
+        cfg, head, grid = self.cfg, self.student.head, self.student.grid
+        boxes, labels, count = cache["boxes"], cache["labels"], cache["count"]
+        valid = torch.arange(boxes.shape[1], device=count.device)[None, :] < count[:, None]
+        student_codes, cells, student_probs, valid = head.read_codes_at(out.preds, grid, boxes, labels, valid)
+        q = quality_weights(boxes, cache["scores"], gt_boxes, gamma=cfg.gamma, valid=valid, iou=cache.get("iou"),
+                            teacher_labels=labels, gt_labels=gt_labels, match=cfg.gt_match)
+        if cfg.rd_space == "encoded":
+            # The head's own targets for the teacher boxes, from the cells read: no decode of the student's codes.
+            teacher_codes = codes_from_boxes(boxes.float(), cells, grid)
+            code_weights = [w * head.loss_cfg.bbox_weight for w in head.target_cfg.code_weights]
+        else:
+            used = q > 0
+            teacher_codes = decoded_codes(boxes, used)
+            student_codes = decoded_codes(boxes_from_codes(student_codes, cells, grid), used)
+            code_weights = None
+        return response_loss(teacher_codes, cache["probs"], student_codes, student_probs, q, code_weights)
+
+
+class DistillStepHook(HookBase):
+    """Tells the `Distiller` which optimizer step is about to run, for the warm-up of its weights.
+
+    It reads `trainer.step` (the steps done) in `before_step`; a resumed trainer restores it from the checkpoint
+    first, so a resumed run ramps exactly as an uninterrupted one.
+    """
+
+    def before_step(self) -> None:
+        model = unwrap_model(self.trainer.model)
+        if not isinstance(model, Distiller):
+            raise ConfigError(f"DistillStepHook needs a Distiller as the trainer's model; got {type(model).__name__}")
+        model.step = self.trainer.step

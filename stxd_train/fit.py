@@ -22,7 +22,7 @@ from pipelines.config import from_dict, read_yaml, require, to_dict
 from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.data import CameraAugmentConfig, CameraBatch
-from stxd_train.distiller import DistillConfig, Distiller
+from stxd_train.distiller import DistillConfig, Distiller, DistillStepHook
 from stxd_train.engine import RUN_KEYS, OptimConfig, TrainConfig
 from stxd_train.students.config import StudentConfig
 
@@ -132,9 +132,9 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     """
     from torch.utils.data import DataLoader
 
+    from pipelines.device import resolve_device
     from pipelines.nuscenes import SampleIndex
     from pipelines.paths import check_output_path
-    from stxd_cache.teacher.model import resolve_device
     from stxd_train.data import CameraDataset, collate, join_cache
     from stxd_train.engine import (
         CheckpointHook,
@@ -189,7 +189,8 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
         join_cache(reader, list(index))
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
                             seed=tc.seed, min_points=dc.min_points, cache_path=records,
-                            gt_iou="rd" in cfg.distill.terms, lidar=None if online is None else online.frames)
+                            gt_iou="rd" in cfg.distill.terms, gt_match=cfg.distill.gt_match,
+                            lidar=None if online is None else online.frames)
     dataset[0]   # an unreadable image of the first sample fails here, before any worker starts
     sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                rank=rank(), world_size=world_size(), tag_epoch=True)
@@ -203,6 +204,8 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     hooks = [RunConfigHook(config=config), MetricsHook(every=tc.log_every),
              CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints), ProgressHook()]
+    if cfg.distill.enabled:
+        hooks.append(DistillStepHook())   # the step of the distillation warm-up
     # Where a non-finite loss may come from besides the images and boxes: the teacher's records.
     data_note = "" if not cfg.distill.enabled else (
         f"its teacher records come from the cache {cache}: check them with `stxd-cache verify {cache}`"
@@ -317,9 +320,9 @@ def evaluate_student(run: str | Path, *, split: str | None = None, device: str =
     """Decode the student of run folder `run` on `split` and score it with the real DetectionEval; writes
     `RUN/metrics.json`, `RUN/training_curves.png` and, under `RUN/eval/<split>/`, the submission, `summary.md`
     and PR-curve PNGs."""
+    from pipelines.device import resolve_device
     from pipelines.evaluation import Detections, build_submission, evaluate
     from pipelines.nuscenes import SampleIndex, load_nuscenes
-    from stxd_cache.teacher.model import resolve_device
     from stxd_train.curves import plot_training_curves
     from stxd_train.engine import atomic_write_text
 

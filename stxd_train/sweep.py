@@ -11,12 +11,19 @@ resumed from its last checkpoint, and one trained with another config is refused
 
 Besides NDS, mAP and the step time, the table gives each loss term's mean over the first `early_steps`
 steps: the sizes that distillation weights are chosen by (configs/sweeps/weights_synth.yaml).
+
+With a `reference` variant, each other variant is also compared with it seed by seed: two runs of one seed share
+the initial weights, the sample order and the augmentation draws, so their difference is the loss's alone. For NDS
+and mAP the table gives the per-seed differences, their mean, a paired-t interval over seeds and a bootstrap
+interval over the evaluation frames (the same resample for all runs of a draw, re-scored from each run's
+`eval/<split>/matches.npz`). `stxd-train compare --reference` gives the same view of any evaluated runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +35,7 @@ from typing import Any
 
 from pipelines.config import require
 from pipelines.errors import ConfigError, StxdError
+from stxd_train.stats import BOOTSTRAP_SEED, json_safe, matches_path, paired_comparison, paired_markdown
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +64,10 @@ class SweepConfig:
     version: str | None = field(default=None, metadata={"help": "table folder (--version overrides it)"})
     evaluate: bool = field(default=True, metadata={"help": "score each run on the val split (false: fit only)"})
     early_steps: int = field(default=10, metadata={"help": "steps over which the loss terms are averaged"})
+    reference: str | None = field(default=None, metadata={
+        "help": "variant every other one is compared with, seed by seed (None: no paired differences)"})
+    bootstrap_draws: int = field(default=1000, metadata={
+        "help": "frame resamples of the paired bootstrap interval (0: no bootstrap)"})
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -64,6 +76,11 @@ class SweepConfig:
             (len(set(names)) == len(names), "variants", names, "distinct names"),
             (len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed"),
             (self.early_steps >= 1, "early_steps", self.early_steps, "at least 1"),
+            (self.reference is None or self.reference in names, "reference", self.reference,
+             f"one of the variants {names}"),
+            (self.reference is None or self.evaluate, "reference", self.reference,
+             "no reference when `evaluate: false` (paired differences compare scores)"),
+            (self.bootstrap_draws >= 0, "bootstrap_draws", self.bootstrap_draws, "0 or more"),
         ])
 
 
@@ -162,7 +179,7 @@ def _run_one(spec: RunSpec, *, dataroot: str, version: str, cache: str, threads:
     training = training_to_do(spec, config)
     if training is not None:
         metrics_path.unlink(missing_ok=True)   # it scored the student that is about to be replaced
-    if training is not None or (evaluate and not metrics_path.is_file()):
+    if training is not None or (evaluate and not (metrics_path.is_file() and matches_path(spec.out).is_file())):
         spec.out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         resume = ["--resume"] if training == "resume" else []
@@ -184,9 +201,10 @@ def _run_one(spec: RunSpec, *, dataroot: str, version: str, cache: str, threads:
     step_time = statistics.median(s["step_time"] for s in steps) if steps else float("nan")
     early = [s["terms"] for s in steps if s["step"] <= early_steps] or [s["terms"] for s in steps[:1]]
     terms = {name: statistics.fmean(t[name] for t in early) for name in early[0]} if early else {}
+    source = metrics.get("source") or {}
     return {"variant": spec.variant, "seed": spec.seed, "NDS": metrics.get("NDS"), "mAP": metrics.get("mAP"),
             "step_time": step_time, "train_seconds": metrics.get("train_seconds"), "early_terms": terms,
-            "run": str(spec.out)}
+            "run": str(spec.out), "commit": source.get("commit"), "dirty": source.get("dirty")}
 
 
 def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out: str | Path, parallel: int = 1,
@@ -218,11 +236,17 @@ def run_sweep(cfg: SweepConfig, *, cache: str, dataroot: str, version: str, out:
             future.add_done_callback(lambda _: bar.update(1))
         rows = [futures[spec.out].result() for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"rows": rows, "variants": _aggregate(rows), "parallel": parallel,
-               "wall_seconds": time.perf_counter() - start}
+    summary: dict[str, Any] = {"rows": rows, "variants": _aggregate(rows), "parallel": parallel}
+    paired = None
+    if cfg.reference is not None:
+        paired = paired_comparison(rows, reference=cfg.reference, draws=cfg.bootstrap_draws)
+        summary.update(reference=cfg.reference, paired=paired,
+                       bootstrap={"draws": cfg.bootstrap_draws, "seed": BOOTSTRAP_SEED, "confidence": 0.95})
+    summary["wall_seconds"] = time.perf_counter() - start
     again = "then run the same `stxd-train sweep` again: it reuses the finished runs"
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=2), then=again)
-    atomic_write_text(out / "results.md", results_markdown(rows, early_steps=cfg.early_steps), then=again)
+    atomic_write_text(out / "results.json", json.dumps(json_safe(summary), indent=2), then=again)
+    atomic_write_text(out / "results.md", results_markdown(rows, early_steps=cfg.early_steps, paired=paired),
+                      then=again)
     return rows
 
 
@@ -249,8 +273,10 @@ def _mean_std(entry: dict[str, Any], key: str) -> str:
     return "–" if entry[key] is None else f"{entry[key]:.4f} ± {entry[f'{key}_std']:.4f}"
 
 
-def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> str:
-    """Per-run rows, the mean ± standard deviation over seeds of each variant, and the early loss terms."""
+def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10,
+                     paired: list[dict[str, Any]] | None = None) -> str:
+    """Per-run rows, the mean ± standard deviation over seeds of each variant, the paired differences to the
+    reference variant (`paired_comparison`), and the early loss terms."""
     lines = ["| variant | seed | NDS | mAP | step time (s) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['seed']} | {_num(r['NDS'])} | {_num(r['mAP'])} | {r['step_time']:.3f} |"
               for r in rows]
@@ -258,6 +284,8 @@ def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> st
               "|---|---:|---:|---:|---:|"]
     lines += [f"| {a['variant']} | {a['seeds']} | {_mean_std(a, 'NDS')} | {_mean_std(a, 'mAP')} | "
               f"{a['step_time']:.3f} |" for a in _aggregate(rows)]
+    if paired:
+        lines += ["", *paired_markdown(paired)]
     names = list(dict.fromkeys(n for r in rows for n in r.get("early_terms", {})))
     if names:
         short = [n.removeprefix("loss_") for n in names]
@@ -268,22 +296,29 @@ def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10) -> st
     return "\n".join(lines) + "\n"
 
 
-def compare_markdown(runs: list[str | Path]) -> str:
-    """Evaluated runs side by side (`stxd-train compare`): headline metrics, then AP per class.
+def compare_markdown(runs: list[str | Path], *, reference: str | None = None, draws: int = 1000) -> str:
+    """Evaluated runs side by side (`stxd-train compare`): headline metrics, AP per class and the commit each was
+    scored with; with `reference`, then the paired differences of every variant to it (`paired_comparison`).
 
-    Each column is a run folder holding `metrics.json` (from `stxd-train eval`) and `config.yaml`.
+    Each column is a run folder holding `metrics.json` (from `stxd-train eval`) and `config.yaml`. For the paired
+    view, runs are grouped into variants by `run_variant` and paired by their `train.seed`; `reference` is a
+    variant name or one of `runs`.
     """
     from pipelines.config import read_yaml
 
     columns = []
+    rows = []
     for run in map(Path, runs):
         path = run / "metrics.json"
         if not path.is_file():
             raise ConfigError(f"{path} is missing: score the run first (stxd-train eval --run {run})")
         metrics = json.loads(path.read_text())
-        distill = read_yaml(run / "config.yaml").get("distill") or {}
+        config = read_yaml(run / "config.yaml")
+        distill = config.get("distill") or {}
         terms = "+".join(t.upper() for t in distill.get("terms", [])) or "none"
         columns.append((f"{run} (distill: {terms})", metrics))
+        rows.append({"variant": run_variant(run), "seed": (config.get("train") or {}).get("seed"),
+                     "NDS": metrics["NDS"], "mAP": metrics["mAP"], "run": str(run)})
     splits = {m["split"] for _, m in columns}
     if len(splits) > 1:
         raise ConfigError(f"the runs were scored on different splits {sorted(splits)}; compare runs of one split")
@@ -295,4 +330,36 @@ def compare_markdown(runs: list[str | Path]) -> str:
     for name in classes:
         lines.append(f"| AP {name} | " + " | ".join(_num(m.get("per_class_AP", {}).get(name), 3)
                                                     for _, m in columns) + " |")
+    lines.append("| commit | " + " | ".join(_commit(m.get("source")) for _, m in columns) + " |")
+    if reference is not None:
+        unseeded = [row["run"] for row in rows if not isinstance(row["seed"], int)]
+        if unseeded:
+            raise ConfigError(f"{unseeded[0]}/config.yaml has no integer train.seed, so its run cannot be paired "
+                              "with a run of the same seed; compare it without --reference")
+        variant = _reference_variant(reference, runs, rows)
+        lines += ["", *paired_markdown(paired_comparison(rows, reference=variant, draws=draws))]
     return "\n".join(lines) + "\n"
+
+
+def run_variant(run: str | Path) -> str:
+    """The variant a run folder belongs to in `stxd-train compare`: the parent folder's name for a folder named
+    `seed<N>` (a sweep's `OUT/<variant>/seed<N>`), else the folder's own name."""
+    path = Path(run).resolve()
+    return path.parent.name if re.fullmatch(r"seed\d+", path.name) else path.name
+
+
+def _reference_variant(reference: str, runs: list[str | Path], rows: list[dict[str, Any]]) -> str:
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    if reference in variants:
+        return reference
+    for run in runs:
+        if Path(run).resolve() == Path(reference).resolve():
+            return run_variant(run)
+    raise ConfigError(f"--reference {reference} is neither one of the variants {variants} nor one of the --run "
+                      "folders; name the variant (a sweep's variant folder, or the run folder's name) or its run")
+
+
+def _commit(source: dict[str, Any] | None) -> str:
+    if not source or not source.get("commit"):
+        return "–"
+    return source["commit"][:10] + (" (uncommitted changes)" if source.get("dirty") else "")

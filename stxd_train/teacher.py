@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from pipelines.config import to_dict
+from pipelines.device import resolve_device
 from pipelines.errors import ConfigError
 from stxd_cache.teacher.config import TeacherConfig
 from stxd_cache.teacher.data import AugmentConfig, LidarBatch, LidarDataset, collate
-from stxd_cache.teacher.model import resolve_device
 from stxd_train.engine import OptimConfig, TrainConfig
 
 

@@ -3,7 +3,9 @@
 Points come out as nuScenes writes them: float32 (x, y, z, intensity, ring) in the sensor frame.
 A point on a box is placed 2 cm inside the surface (never further than half the box's depth along the
 ray), so that inclusive point-in-box tests count it without ambiguity at the boundary; ground points
-get 1 cm of range noise.
+get 1 cm of range noise. Ground seen under or between an object's parts (below a trailer, beside a
+cyclist's frame) lies at least 1 cm below the ground, so that it falls outside the object's box without
+ambiguity: the count of an object's own points is then the devkit's count of points in its box.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
     owner = np.full(len(depth), -1, dtype=np.int64)
     inner = np.zeros(len(depth))
     origin = np.zeros(3)
+    shaped: list[tuple[int, np.ndarray]] = []   # objects of several parts, with their candidate rays
     for i, box in enumerate(local):
         dist = np.hypot(box[0], box[1])
         if dist > MAX_RANGE + 8.0:
@@ -89,11 +92,19 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
         depth[sel] = t_in[closer]
         owner[sel] = i
         inner[sel] = np.minimum(0.02, 0.5 * (t_out[closer] - t_in[closer]))
+        if len(parts.parts) > 1:
+            shaped.append((i, idx))
+    under = np.zeros(len(depth), dtype=bool)   # ground rays within 10 cm of an object's footprint
+    for i, idx in shaped:
+        rays = idx[(owner[idx] < 0) & np.isfinite(depth[idx])]
+        under[rays] |= _near_footprint(beams.dirs[rays, :2] * depth[rays, None], local[i], 0.1)
     keep = np.isfinite(depth)
     t = depth[keep]
     own = owner[keep]
     on_ground = own < 0
     t = t + np.where(on_ground, rng.normal(0.0, 0.01, size=len(t)), inner[keep])
+    sunk = np.flatnonzero(under[keep] & on_ground)
+    t[sunk] = np.maximum(t[sunk], (sensor_z + 0.01) / -beams.dirs[keep][sunk, 2])
     xyz = beams.dirs[keep] * t[:, None]
     world_xy = sensor_xy + np.stack([c * xyz[:, 0] - s * xyz[:, 1], s * xyz[:, 0] + c * xyz[:, 1]], 1)
     ground_kind, _ = ground.lookup(world_xy)
@@ -102,6 +113,14 @@ def scan(beams: Beams, sensor_xy: np.ndarray, sensor_z: float, sensor_yaw: float
     intensity = np.clip(intensity * rng.uniform(0.8, 1.2, size=len(t)) + rng.normal(0, 1.5, len(t)), 0, 255)
     points = np.concatenate([xyz, intensity[:, None], beams.ring[keep, None]], axis=1).astype(np.float32)
     return points, own
+
+
+def _near_footprint(xy: np.ndarray, box: np.ndarray, margin: float) -> np.ndarray:
+    """(M,) whether points `xy: (M, 2)` lie within `margin` m of the footprint of `box` (same frame)."""
+    c, s = np.cos(box[6]), np.sin(box[6])
+    rel = xy - box[:2]
+    return ((np.abs(c * rel[:, 0] + s * rel[:, 1]) <= box[4] / 2 + margin)
+            & (np.abs(-s * rel[:, 0] + c * rel[:, 1]) <= box[3] / 2 + margin))
 
 
 def _azimuth_columns(box: np.ndarray, n_az: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Camera rendering by ray casting: a textured ground with lane marks, a sky, and the boxes as shaded,
-class-coloured solids with simple detail (windows, wheels, legs, heads, riders, cone stripes), all
+class-coloured solids with simple detail (windows, wheels, legs, heads with hair, riders, cone stripes), all
 z-ordered per pixel. Also reports how many pixels of each box are visible, for `visibility`."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, 
     owner = np.full(len(dirs), -1, dtype=np.int64)
     face = np.zeros(len(dirs), dtype=np.int8)
     local = np.zeros((len(dirs), 3))
-    part_height = np.ones(len(dirs))
+    part_centre = np.ones(len(dirs))   # height of the hit part's centre above the object's bottom
     cabin = np.zeros(len(dirs), dtype=bool)
     full = np.zeros(len(boxes), dtype=np.int64)
     for i, box in enumerate(boxes):
@@ -67,7 +67,7 @@ def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, 
         closer = hit & (t_in < depth[idx])
         sel = idx[closer]
         depth[sel], owner[sel], face[sel], local[sel] = t_in[closer], i, f[closer], loc[closer]
-        part_height[sel] = solids[i].parts[part[closer], 5]
+        part_centre[sel] = solids[i].parts[part[closer], 2] - (box[2] - box[5] / 2)
         cabin[sel] = solids[i].cabin[part[closer]]
 
     color = np.empty((len(dirs), 3))
@@ -81,7 +81,7 @@ def render(camera: Camera, position: np.ndarray, world_from_camera: np.ndarray, 
     on_box = owner >= 0
     if np.any(on_box):
         color[on_box] = _shade_boxes(boxes, labels, colors, owner[on_box], face[on_box], local[on_box],
-                                     part_height[on_box], cabin[on_box], sun)
+                                     part_centre[on_box], cabin[on_box], sun)
     fog = 1.0 - np.exp(-np.where(np.isfinite(depth), depth, 0.0) / 350.0)
     color = color * (1 - fog[:, None]) + _FOG * fog[:, None]
     color += rng.normal(0.0, 2.0, size=color.shape)
@@ -114,17 +114,18 @@ def _candidate_pixels(camera: Camera, position: np.ndarray, world_from_camera: n
 
 
 def _shade_boxes(boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, owner: np.ndarray,
-                 face: np.ndarray, local: np.ndarray, part_height: np.ndarray, cabin: np.ndarray,
+                 face: np.ndarray, local: np.ndarray, part_centre: np.ndarray, cabin: np.ndarray,
                  sun: np.ndarray) -> np.ndarray:
     """(P, 3) shaded colour of object pixels from the owner's base colour, the face and the hit height;
-    `local` is relative to the hit part, whose height is `part_height`; `cabin` marks window-bearing parts."""
+    `local` is relative to the hit part, whose centre is `part_centre` above the object's bottom (parts
+    need not stand on the ground); `cabin` marks window-bearing parts."""
     yaw = boxes[owner, 6]
     normals = world_normals(face, yaw)
     light = 0.5 + 0.5 * np.clip(normals @ sun, 0.0, 1.0)
     base = colors[owner].copy()
     label = labels[owner]
     height = boxes[owner, 5]
-    zf = (local[:, 2] + part_height / 2) / height        # height above ground over the object's height
+    zf = (local[:, 2] + part_centre) / height            # height above ground over the object's height
     yf = local[:, 1] / boxes[owner, 3] + 0.5             # 0 on the right side, 1 on the left
     side = face < 4
     vehicle = np.isin(label, _VEHICLE_LABELS)
@@ -133,11 +134,16 @@ def _shade_boxes(boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, owne
     base = np.where((vehicle & side & (zf < 0.14))[:, None], 0.3 * base, base)
     ped = label == _PEDESTRIAN
     base = np.where((ped & (zf < 0.42))[:, None], 0.45 * base + 18.0, base)
-    base = np.where((ped & (zf > 0.86))[:, None], np.array([205.0, 164.0, 132.0]), base)
-    rider = np.isin(label, _CYCLE_LABELS) & (height > 1.6) & (zf > 0.62)
+    head = ped & (zf > 0.86)
+    base = np.where(head[:, None], np.array([205.0, 164.0, 132.0]), base)
+    # hair on the back (face 0) and top (face 5) of the head, the face in front: a heading cue in the image
+    base = np.where((head & ((face == 0) | (face == 5)))[:, None], np.array([58.0, 42.0, 34.0]), base)
+    # a ridden cycle is at least 1.66 m tall, a riderless one at most 1.62 m (`world.RIDER_HEIGHT`)
+    rider = np.isin(label, _CYCLE_LABELS) & (height > 1.64) & (zf > 0.62)
     base = np.where(rider[:, None], np.array([64.0, 62.0, 70.0]), base)
     base = np.where(((label == _CONE) & (zf > 0.62) & (zf < 0.74))[:, None], 235.0, base)
-    stripes = (label == _BARRIER) & (np.mod(np.floor(yf * 5), 2) == 1)   # along a barrier's long side
+    # along a barrier's long side; clipped so that both end faces (yf = 0 and 1) match, as a barrier has no front
+    stripes = (label == _BARRIER) & (np.mod(np.clip(np.floor(yf * 5), 0, 4), 2) == 1)
     base = np.where(stripes[:, None], 0.6 * base, base)
     return base * light[:, None]
 

@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines.classes import ATTRIBUTES, CATEGORY_TO_CLASS
 from pipelines.geometry import quaternion_from_yaw
 from pipelines.synth import ground as ground_mod
-from pipelines.synth import lidar, palette, render, rig, world
+from pipelines.synth import lidar, palette, render, rig, shapes, world
 from pipelines.synth.config import SynthConfig
 from pipelines.synth.raycast import Solid
 
@@ -124,7 +124,8 @@ def simulate(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, list[dic
         ts = base_us + t_us
         boxes = world.actor_states(road, actors, t)
         lidar_xy = xy + _rot2(yaw) @ np.array(rig.LIDAR_TRANSLATION[:2])
-        solids = [Solid(*world.solid_parts(box, actor.class_name)) for box, actor in zip(boxes, actors, strict=True)]
+        solids = [Solid(*shapes.solid_parts(box, actor.class_name, ridden=actor.attribute == "cycle.with_rider"))
+                  for box, actor in zip(boxes, actors, strict=True)]
         points, hit = lidar.scan(beams, lidar_xy, rig.LIDAR_TRANSLATION[2], yaw + rig.LIDAR_YAW, boxes, solids,
                                  labels, ground, rng_sensor)
         folder = "samples" if is_key else "sweeps"

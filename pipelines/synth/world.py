@@ -272,8 +272,11 @@ def populate(rng: np.random.Generator, s_range: tuple[float, float], ego_max_spe
                            attribute="pedestrian.standing", gap=0.4)
             if name == "traffic_cone":
                 return add(name, track, s, placer, yaw_offset=float(rng.uniform(-3, 3)), gap=0.4)
-            return add(name, track, s, placer, yaw_offset=float(rng.normal(np.pi / 2, 0.1)),
-                       attribute="cycle.without_rider", gap=0.3)
+            if on_curb:   # along it: across, a cycle would reach into the walkers' track and the parked cars
+                yaw = float(rng.normal(0.0, 0.05)) + (np.pi if rng.random() < 0.5 else 0.0)
+            else:
+                yaw = float(rng.normal(np.pi / 2, 0.1))
+            return add(name, track, s, placer, yaw_offset=yaw, attribute="cycle.without_rider", gap=0.3)
         track, placer = parking[side]
         if name == "barrier":
             return add(name, track, s, placer, yaw_offset=np.pi / 2, gap=0.3)
@@ -349,26 +352,4 @@ def _with_rider(actor: Actor) -> Actor:
                  size=(width, length, RIDER_HEIGHT * float(np.clip(actor.size[2] / 1.4, 0.95, 1.05))),
                  track=actor.track, s0=actor.s0, yaw_offset=actor.yaw_offset,
                  attribute="cycle.with_rider", color_jitter=actor.color_jitter)
-
-
-#: Classes whose solid has a lower hood in front of the cabin, so that their heading shows in the
-#: LiDAR and the images (a plain box looks the same from the front and the back).
-HOODED = ("car", "truck", "construction_vehicle")
-HOOD_LENGTH, HOOD_HEIGHT = 0.28, 0.55   # fractions of the box length and height
-
-
-def solid_parts(box: np.ndarray, class_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parts (K, 9) of the solid inside annotation box `box: (9,)`, and which part is the cabin (K,)."""
-    if class_name not in HOODED:
-        return box[None].copy(), np.array([False])
-    heading = np.array([np.cos(box[6]), np.sin(box[6])])
-    length, height = box[4], box[5]
-    cabin, hood = box.copy(), box.copy()
-    cabin[:2] = box[:2] - heading * (HOOD_LENGTH * length / 2)
-    cabin[4] = (1 - HOOD_LENGTH) * length
-    hood[:2] = box[:2] + heading * ((1 - HOOD_LENGTH) * length / 2)
-    hood[4] = HOOD_LENGTH * length
-    hood[5] = HOOD_HEIGHT * height
-    hood[2] = box[2] - (height - hood[5]) / 2
-    return np.stack([cabin, hood]), np.array([True, False])
 

@@ -67,7 +67,7 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     root = check_output_path(out)
     table_dir = root / cfg.version
     stamp = table_dir / CONFIG_FILE   # written last: its presence means the generation completed
-    if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == to_dict(cfg):
+    if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == _stamp_record(cfg):
         return _summary(root, cfg, time.perf_counter() - start, reused=True)
     existing = [p for p in (table_dir, *(root / f for f in _OUTPUT_FOLDERS)) if p.exists()]
     if existing and not overwrite:
@@ -108,12 +108,20 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     for name in TABLES:
         with open(table_dir / f"{name}.json", "w") as f:
             json.dump(tables[name], f, indent=0)
-    train, val = cfg.split_scenes
-    splits = {"synth_train": [f"scene-{i:04d}" for i in train], "synth_val": [f"scene-{i:04d}" for i in val]}
+    splits = {name: [f"scene-{i:04d}" for i in scenes] for name, scenes in cfg.splits.items()}
     with open(table_dir / "splits.json", "w") as f:
         json.dump(splits, f, indent=1)
-    stamp.write_text(yaml.safe_dump(to_dict(cfg)))
+    stamp.write_text(yaml.safe_dump(_stamp_record(cfg)))
     return _summary(root, cfg, time.perf_counter() - start)
+
+
+def _stamp_record(cfg: SynthConfig) -> dict[str, Any]:
+    """The config as `CONFIG_FILE` records it. Without a test split, `test_fraction` is left out, so that roots
+    written before that field existed stay byte-identical and are still kept by `--reuse`."""
+    record = to_dict(cfg)
+    if cfg.test_fraction == 0.0:
+        del record["test_fraction"]
+    return record
 
 
 def _summary(root: Path, cfg: SynthConfig, seconds: float, reused: bool = False) -> SynthSummary:

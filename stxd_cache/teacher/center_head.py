@@ -138,6 +138,16 @@ def boxes_from_codes(code: torch.Tensor, cells: torch.Tensor, grid: BEVGrid) -> 
     return decode_boxes(torch.cat([xy, code[..., 2:]], dim=-1))
 
 
+def codes_from_boxes(boxes: torch.Tensor, cells: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
+    """Head codes (..., 10) [dx, dy, z, log w, log l, log h, sin, cos, vx, vy] of boxes (..., 9) relative to flat cell
+    indices `cells` (...,) = row · W + col of `grid`: the inverse of `boxes_from_codes`, the regression targets of
+    `build_targets` when `cells` holds each box's centre cell."""
+    cols = grid.shape[1]
+    cell_xy = torch.stack([cells % cols, cells // cols], dim=-1).to(boxes.dtype)
+    offset = grid.world_to_cell(boxes[..., :2]) + 0.5 - cell_xy
+    return torch.cat([offset, encode_boxes(boxes)[..., 2:]], dim=-1)
+
+
 class ConvModule(nn.Module):
     """3x3 conv (no bias) / BatchNorm2d / ReLU with mmcv `ConvModule` names (`conv`, `bn`, `activate`)."""
 
@@ -326,6 +336,14 @@ class CenterHead(nn.Module):
         class indices; valid: (B, M) bool. Returns boxes (B, M, 9), probabilities (B, M, 10), and `valid`
         narrowed to boxes whose centre cell is on the grid and whose class a task predicts.
         """
+        codes, cells, probs, valid = self.read_codes_at(preds, grid, boxes, labels, valid)
+        return boxes_from_codes(codes, cells, grid), probs, valid
+
+    def read_codes_at(self, preds: Sequence[TaskPreds], grid: BEVGrid, boxes: torch.Tensor, labels: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`read_at` before decoding: the raw regression codes (B, M, 10) at each box's centre cell (what the box
+        loss compares with `codes_from_boxes`), the flat cell indices (B, M) = row · W + col, the class
+        probabilities (B, M, 10) and the narrowed `valid` (B, M)."""
         rows, cols = grid.shape
         cell = torch.floor(grid.world_to_cell(boxes[..., :2].float()) + 0.5).long()        # (B, M, 2) col, row
         on_grid = (cell[..., 0] >= 0) & (cell[..., 0] < cols) & (cell[..., 1] >= 0) & (cell[..., 1] < rows)
@@ -340,7 +358,7 @@ class CenterHead(nn.Module):
         codes = codes.gather(1, task.clamp(min=0)[:, None, None, :].expand(-1, 1, CODE_DIM, -1))[:, 0]
         probs = self.class_probs(preds)
         probs = probs.gather(2, cells[:, None, :].expand(-1, NUM_CLASSES, -1)).transpose(1, 2)
-        return boxes_from_codes(codes.transpose(1, 2), cells, grid), probs, valid
+        return codes.transpose(1, 2), cells, probs, valid
 
     @torch.no_grad()
     def decode(self, preds: Sequence[TaskPreds], grid: BEVGrid) -> list[DecodedBoxes]:

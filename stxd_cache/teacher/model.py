@@ -84,13 +84,6 @@ class CenterPoint(nn.Module):
         return self.head.decode(out.preds, self.bev_grid)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; any other name is passed to `torch.device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_teacher(cfg: TeacherConfig, device: torch.device | str) -> CenterPoint:
     """The teacher described by `cfg`, on `device`, with spconv algorithms that run there (see
     `sparse_encoder.conv_algo`: Native on CPU). Raises ConfigError if the stages do not fit together."""

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _NORM_EPS = 1e-6
+_WEIGHT_EPS = 1e-12
 
 
-def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tensor, tau: float = 0.1) -> Tensor:
+def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tensor, tau: float = 0.1,
+                  weights: Tensor | None = None) -> Tensor:
     """TD loss: the student's similarity to the teacher's past tokens should match the teacher's own.
 
     f_now: (B, N, D) teacher tokens of the current frame; f_past: (B, K, N, D) teacher tokens of K past
@@ -29,7 +31,14 @@ def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tens
     and averaged over all B samples: a sample without a valid past frame adds 0 but still counts in B.
     Returns a scalar; it is 0, with a gradient path to g_now, when no frame is valid.
 
-    Raises ValueError on inconsistent shapes or a non-positive τ.
+    weights: (B, N) ≥ 0 per current-frame token (e.g. a foreground map pooled to the token grid), None for equal
+    weights. They replace the mean over the N rows by the weighted mean Σ_n w_n KL_n / Σ_n w_n (a sample whose
+    weights are all 0 adds 0): the rows of foreground tokens count more. The columns (the past tokens each row is
+    compared with) and the softmax over them stay whole: the relation of an object to its surroundings in the past
+    frame is what TD transfers, and the past frames' foreground is not known (the GT is the current frame's).
+
+    Raises ValueError on inconsistent shapes, a non-positive τ, or weights of another shape or with a negative or
+    non-finite entry.
     """
     if f_now.dim() != 3 or g_now.shape != f_now.shape:
         raise ValueError(
@@ -48,6 +57,14 @@ def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tens
         )
     if tau <= 0:
         raise ValueError(f"temporal_loss needs a positive temperature tau; got {tau}")
+    if weights is not None:
+        if tuple(weights.shape) != (b, n):
+            raise ValueError(f"temporal_loss expects weights of shape (B, N) = ({b}, {n}); got {tuple(weights.shape)}")
+        weights = weights.detach().to(device=g_now.device, dtype=g_now.dtype)
+        if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+            raise ValueError("temporal_loss expects finite weights >= 0")
+        # Each sample's row weights normalised to sum 1 (all 0 for a sample without weight).
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(_WEIGHT_EPS)
     valid = past_valid.to(dtype=torch.bool)
     f_hat = F.normalize(f_now, dim=-1, eps=_NORM_EPS)
     g_hat = F.normalize(g_now, dim=-1, eps=_NORM_EPS)
@@ -60,5 +77,6 @@ def temporal_loss(f_now: Tensor, f_past: Tensor, g_now: Tensor, past_valid: Tens
         with torch.no_grad():
             log_t = torch.log_softmax(f_hat[i] @ past_t, dim=-1)
         log_s = torch.log_softmax(g_hat[i] @ past_t, dim=-1)
-        total = total + (log_s.exp() * (log_s - log_t)).sum(dim=-1).mean()
+        rows = (log_s.exp() * (log_s - log_t)).sum(dim=-1)                       # (N,) KL per row
+        total = total + (rows.mean() if weights is None else (rows * weights[i]).sum())
     return total / b

@@ -99,7 +99,9 @@ def test_content_moved_or_edited_with_valid_checksums_is_caught(damage, cache: P
     report = verify(copy)
     assert not report.ok
     assert report.bad_samples == [reader.tokens[r] for r in rows]
-    assert all("do not match the row's digest" in p for p in report.problems), report.problems
+    # x100 also moves the pooled BEV off the stored fp16 tokens by a rounding step, which verify reports too
+    assert any("do not match the row's digest" in p for p in report.problems), report.problems
+    assert all(p.startswith(("row 0 ", "row 1 ", "row 2 ")) for p in report.problems), report.problems
     with pytest.raises(CacheCorruptError, match=f"row {rows[0]} \\({reader.tokens[rows[0]]}\\) does not match"):
         reader.read(rows[0])
     if damage is _swap_rows:   # training stops at the first record it reads, naming the sample

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid, resample
@@ -134,3 +135,38 @@ def test_resample_keeps_kind_dtype_and_leading_dims():
 def test_resample_rejects_features_that_do_not_match_the_source_grid():
     with pytest.raises(ValueError, match="do not match src grid"):
         resample(np.zeros((1, 8, 9)), BEVGrid.square(4.0, 8), BEVGrid.square(4.0, 4))
+
+
+def test_resample_averages_whole_blocks_at_integer_downsampling_ratios():
+    src, dst = BEVGrid.square(51.2, 128), BEVGrid.square(51.2, 32)
+    features = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = resample(features, src, dst)
+    torch.testing.assert_close(out, F.avg_pool2d(features, 4), rtol=0, atol=1e-12)
+    # Point sampling would have read the middle 2×2 of each 4×4 block only.
+    middle = features.reshape(2, 3, 32, 4, 32, 4)[:, :, :, 1:3, :, 1:3].mean(dim=(3, 5))
+    assert (out - middle).abs().max() > 0.1
+    # A single bright src cell counts 1/16 in its dst cell wherever it sits in the block (no aliasing).
+    for row, col in ((0, 0), (1, 2), (3, 3)):
+        spike = torch.zeros(1, 128, 128, dtype=torch.float64)
+        spike[0, 8 + row, 12 + col] = 16.0
+        pooled = resample(spike, src, dst)
+        assert pooled[0, 2, 3].item() == pytest.approx(1.0) and pooled.sum().item() == pytest.approx(1.0)
+
+
+def test_resample_pools_unequal_factors_per_axis():
+    src = BEVGrid(x_range=(-8.0, 8.0), y_range=(-4.0, 4.0), cell_size=(0.5, 1.0))   # 8 rows x 32 cols
+    dst = BEVGrid(x_range=(-8.0, 8.0), y_range=(-4.0, 4.0), cell_size=(2.0, 2.0))   # 4 rows x 8 cols
+    features = np.random.default_rng(1).normal(size=(5, 8, 32)).astype(np.float32)
+    out = resample(features, src, dst)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (5, 4, 8)
+    np.testing.assert_allclose(out, features.reshape(5, 4, 2, 8, 4).mean(axis=(2, 4)), atol=1e-6)
+
+
+@pytest.mark.parametrize(("src_size", "dst_size"), [(180, 128), (50, 128), (32, 128), (128, 48)])
+def test_resample_samples_bilinearly_when_the_ratio_is_not_an_integer_reduction(src_size, dst_size):
+    src, dst = BEVGrid.square(51.2, src_size), BEVGrid.square(51.2, dst_size)
+    features = torch.randn(1, 2, src_size, src_size, generator=torch.Generator().manual_seed(2))
+    centres = (torch.arange(dst_size, dtype=torch.float64) + 0.5) / dst_size * 2 - 1   # normalised dst centres
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), dim=-1)[None].float()
+    expected = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(resample(features, src, dst), expected, rtol=0, atol=1e-5)

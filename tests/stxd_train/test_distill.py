@@ -10,14 +10,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines.grid import BEVGrid
 from stxd_train.distill import (
+    GTMatch,
+    best_gt_iou,
+    cell_weights,
     correlation_loss,
     effective_dimension,
     feature_mse,
+    gt_foreground,
     quality_weights,
     response_loss,
+    teacher_foreground,
     temporal_loss,
 )
+from stxd_train.distill.foreground import footprints, gaussians
+from stxd_train.distill.response import PAPER_MATCH, decoded_codes
 
 # ---------------------------------------------------------------- correlation
 
@@ -175,14 +183,78 @@ def test_quality_weights_hand_values() -> None:
     teacher = torch.tensor([[_GT, _shifted(_GT, 2.0), far, _GT]])
     scores = torch.tensor([[0.81, 0.64, 0.9, 0.7]])
     gt = [torch.tensor([_GT, _shifted(_GT, 60.0)])]
+    labels = {"teacher_labels": torch.zeros(1, 4, dtype=torch.long), "gt_labels": [torch.zeros(2, dtype=torch.long)]}
     valid = torch.tensor([[True, True, True, False]])
-    q = quality_weights(teacher, scores, gt, gamma=0.5, valid=valid)
+    q = quality_weights(teacher, scores, gt, gamma=0.5, valid=valid, **labels)
     assert q.shape == (1, 4) and q.dtype == torch.float32 and not q.requires_grad
     expected = [0.9, 0.8 * math.sqrt(1.0 / 3.0), 0.0, 0.0]
     assert q[0].tolist() == pytest.approx(expected, rel=1e-6)
-    assert quality_weights(teacher, scores, gt, gamma=0.0)[0, 1].item() == pytest.approx(0.64)
-    assert quality_weights(teacher, scores, gt, gamma=1.0)[0, 1].item() == pytest.approx(1.0 / 3.0)
-    assert quality_weights(teacher, scores, [torch.zeros(0, 9)]).abs().sum().item() == 0.0
+    assert quality_weights(teacher, scores, gt, gamma=0.0, **labels)[0, 1].item() == pytest.approx(0.64)
+    assert quality_weights(teacher, scores, gt, gamma=1.0, **labels)[0, 1].item() == pytest.approx(1.0 / 3.0)
+    no_gt = quality_weights(teacher, scores, [torch.zeros(0, 9)], teacher_labels=labels["teacher_labels"],
+                            gt_labels=[torch.zeros(0, dtype=torch.long)])
+    assert no_gt.abs().sum().item() == 0.0
+    # The paper's class-blind matching needs no labels.
+    assert quality_weights(teacher, scores, gt, valid=valid, match=PAPER_MATCH)[0].tolist() == pytest.approx(expected)
+
+
+def _turned(box: list[float], angle: float) -> list[float]:
+    out = list(box)
+    out[6] += angle
+    return out
+
+
+def test_best_gt_iou_counts_only_gt_of_the_teacher_class() -> None:
+    teacher = np.array([_GT, _shifted(_GT, 1.0)])
+    gt = np.array([_GT, _shifted(_GT, 1.0)])          # an object of class 0, and an overlapping one of class 1
+    iou_pair = float(best_gt_iou(teacher[:1], gt[1:], match=PAPER_MATCH)[0])
+    assert 0.3 < iou_pair < 1.0
+    blind = best_gt_iou(teacher, gt, match=PAPER_MATCH)
+    assert blind.tolist() == pytest.approx([1.0, 1.0])
+    aware = best_gt_iou(teacher, gt, np.array([1, 2]), np.array([0, 1]), GTMatch(drop_flipped=False))
+    # Teacher box 0 says class 1: only GT 1 counts; teacher box 1 says class 2: no GT of its class.
+    assert aware.tolist() == pytest.approx([iou_pair, 0.0])
+    with pytest.raises(ValueError, match="needs teacher_labels and gt_labels"):
+        best_gt_iou(teacher, gt)
+    with pytest.raises(ValueError, match="one class index per box"):
+        best_gt_iou(teacher, gt, np.array([0]), np.array([0, 1]))
+
+
+def test_best_gt_iou_drops_teacher_boxes_turned_more_than_90_degrees() -> None:
+    gt = np.array([_GT])
+    turns = [math.pi, -math.pi, 0.45 * math.pi, 0.55 * math.pi, -0.55 * math.pi, 2.0 * math.pi - 0.1]
+    teacher = np.array([_turned(_GT, a) for a in turns])
+    blind = best_gt_iou(teacher, gt, match=PAPER_MATCH)
+    assert blind[:2].tolist() == pytest.approx([1.0, 1.0])    # IoU cannot see a 180° flip
+    assert (blind > 0.2).all()
+    dropped = best_gt_iou(teacher, gt, np.zeros(6), np.zeros(1), GTMatch())
+    assert dropped.tolist() == pytest.approx([0.0, 0.0, blind[2], 0.0, 0.0, blind[5]])
+    kept = best_gt_iou(teacher, gt, np.zeros(6), np.zeros(1), GTMatch(drop_flipped=False))
+    assert kept.tolist() == pytest.approx(blind.tolist())
+
+
+def test_quality_weights_class_aware_and_flips_through_the_loader_iou() -> None:
+    teacher = torch.tensor([[_GT, _turned(_GT, math.pi), _GT]])
+    scores = torch.tensor([[0.64, 0.64, 0.64]])
+    labels = torch.tensor([[0, 0, 3]])
+    gt, gt_labels = [torch.tensor([_GT])], [torch.tensor([0])]
+    q = quality_weights(teacher, scores, gt, teacher_labels=labels, gt_labels=gt_labels)
+    assert q[0].tolist() == pytest.approx([0.8, 0.0, 0.0])
+    paper = quality_weights(teacher, scores, gt, match=PAPER_MATCH)
+    assert paper[0].tolist() == pytest.approx([0.8, 0.8, 0.8])
+    # A precomputed IoU (the loader's) replaces the matching.
+    iou = torch.from_numpy(best_gt_iou(teacher[0], gt[0], labels[0], gt_labels[0])).float()[None]
+    assert torch.equal(quality_weights(teacher, scores, gt, iou=iou), q)
+
+
+def _paper_response(teacher_boxes: torch.Tensor, teacher_probs: torch.Tensor, teacher_scores: torch.Tensor,
+                    gt_boxes: list[torch.Tensor], student_boxes: torch.Tensor, student_probs: torch.Tensor,
+                    gamma: float = 0.5, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RD as the paper reads it: a class-blind quality and decoded boxes re-encoded, with unit weights."""
+    q = quality_weights(teacher_boxes, teacher_scores, gt_boxes, gamma=gamma, valid=valid, match=PAPER_MATCH)
+    used = q > 0
+    return response_loss(decoded_codes(teacher_boxes, used), teacher_probs, decoded_codes(student_boxes, used),
+                         student_probs, q)
 
 
 def _response_inputs() -> dict[str, Any]:
@@ -202,7 +274,7 @@ def _response_inputs() -> dict[str, Any]:
 
 def test_response_ignores_boxes_with_zero_quality() -> None:
     inputs = _response_inputs()
-    base = response_loss(**inputs)
+    base = _paper_response(**inputs)
     assert base.item() > 0.0
     # Only box (0, 0) has q > 0: (0, 1) is invalid, (0, 2) has score 0, sample 1 has no GT.
     student, probs = inputs["student_boxes"].clone(), inputs["student_probs"].clone()
@@ -211,21 +283,32 @@ def test_response_ignores_boxes_with_zero_quality() -> None:
         probs[b, m] = torch.tensor([0.0, 1.0, float("nan"), 0.3])
     student.requires_grad_(True)
     probs.requires_grad_(True)
-    changed = response_loss(**{**inputs, "student_boxes": student, "student_probs": probs})
+    changed = _paper_response(**{**inputs, "student_boxes": student, "student_probs": probs})
     assert changed.item() == pytest.approx(base.item())
     changed.backward()
     assert torch.isfinite(student.grad).all() and torch.isfinite(probs.grad).all()
     assert student.grad[0, 0].abs().sum() > 0 and student.grad[1].abs().sum() == 0
+    # The same in code space: NaN or -inf codes of unused slots reach neither the value nor the gradient.
+    q = torch.tensor([[0.5, 0.0], [0.0, 0.0]])
+    codes = torch.zeros(2, 2, 10)
+    teacher_codes = codes.clone()
+    teacher_codes[0, 1], teacher_codes[1] = float("-inf"), float("nan")
+    student_codes = (codes + 0.5).requires_grad_(True)
+    loss = response_loss(teacher_codes, torch.full((2, 2, 3), 0.5), student_codes, torch.full((2, 2, 3), 0.5), q)
+    loss.backward()
+    assert loss.item() == pytest.approx(5.0)
+    assert student_codes.grad[0, 0].tolist() == pytest.approx([1.0] * 10) and student_codes.grad[1:].abs().sum() == 0
+    assert student_codes.grad[0, 1].abs().sum() == 0
 
 
 def test_response_zero_for_identical_and_when_no_weight() -> None:
     inputs = _response_inputs()
     same = {**inputs, "student_boxes": inputs["teacher_boxes"].clone(),
             "student_probs": inputs["teacher_probs"].clone()}
-    assert response_loss(**same).item() == pytest.approx(0.0, abs=1e-6)
+    assert _paper_response(**same).item() == pytest.approx(0.0, abs=1e-6)
     student = inputs["student_boxes"].clone().requires_grad_(True)
     empty = {**inputs, "gt_boxes": [torch.zeros(0, 9), torch.zeros(0, 9)], "student_boxes": student}
-    loss = response_loss(**empty)
+    loss = _paper_response(**empty)
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(student.grad, torch.zeros_like(student))
@@ -237,10 +320,30 @@ def test_response_hand_value_of_one_box() -> None:
     student_box[0] += 0.5
     student_box[3] *= math.e  # log w differs by 1
     p, s = 0.7, 0.4
-    loss = response_loss(teacher, torch.tensor([[[p]]]), torch.tensor([[0.5]]), [torch.tensor([_GT])],
-                         torch.tensor([[student_box]]), torch.tensor([[[s]]]))
+    loss = _paper_response(teacher, torch.tensor([[[p]]]), torch.tensor([[0.5]]), [torch.tensor([_GT])],
+                           torch.tensor([[student_box]]), torch.tensor([[[s]]]))
     kl = p * math.log(p / s) + (1 - p) * math.log((1 - p) / (1 - s))
     assert loss.item() == pytest.approx(0.5 + 1.0 + kl, rel=1e-5)
+
+
+def test_response_weighs_each_code_entry() -> None:
+    teacher_codes = torch.zeros(1, 2, 10)
+    student_codes = torch.zeros(1, 2, 10)
+    student_codes[0, 0] = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, -1.0])
+    student_codes[0, 1, 0] = 4.0
+    probs = torch.full((1, 2, 1), 0.5)
+    q = torch.tensor([[0.75, 0.25]])
+    weights = [0.25 * w for w in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)]   # code_weights × bbox_weight
+    loss = response_loss(teacher_codes, probs, student_codes, probs, q, weights)
+    first = 0.25 * (0.5 + 1.0 + 0.2 * 2.0 + 0.2 * 1.0)
+    second = 0.25 * 4.0
+    assert loss.item() == pytest.approx((0.75 * first + 0.25 * second) / 1.0, rel=1e-6)
+    assert response_loss(teacher_codes, probs, student_codes, probs, q).item() == pytest.approx(
+        0.75 * 4.5 + 0.25 * 4.0, rel=1e-6)
+    with pytest.raises(ValueError, match="one weight per code entry"):
+        response_loss(teacher_codes, probs, student_codes, probs, q, [1.0] * 9)
+    with pytest.raises(ValueError, match="q must have the shape"):
+        response_loss(teacher_codes, probs, student_codes, probs, q[:, :1])
 
 
 def test_response_gradients_reach_only_the_student() -> None:
@@ -248,7 +351,7 @@ def test_response_gradients_reach_only_the_student() -> None:
     leaves = {}
     for key in ("teacher_boxes", "teacher_probs", "teacher_scores", "student_boxes", "student_probs"):
         leaves[key] = inputs[key].clone().requires_grad_(True)
-    loss = response_loss(**{**inputs, **leaves})
+    loss = _paper_response(**{**inputs, **leaves})
     loss.backward()
     for key in ("teacher_boxes", "teacher_probs", "teacher_scores"):
         grad = leaves[key].grad
@@ -322,3 +425,107 @@ def test_correlation_and_temporal_backprop_to_the_student() -> None:
     g_now = _tokens((2, 5, 4), 2).requires_grad_(True)
     temporal_loss(f_now, f_past, g_now, torch.tensor([[True, False], [True, True]])).backward()
     assert g_now.grad is not None and torch.isfinite(g_now.grad).all() and g_now.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- foreground weights
+
+
+def test_correlation_weights_are_row_weights() -> None:
+    f = _features(n=64)
+    g = f + 0.5 * _features(n=64, seed=1)
+    plain = correlation_loss(f, g, 0.005)
+    assert correlation_loss(f, g, 0.005, torch.ones(64)).item() == pytest.approx(plain.item(), rel=1e-9)
+    assert correlation_loss(f, g, 0.005, torch.full((64,), 7.0)).item() == pytest.approx(plain.item(), rel=1e-9)
+    # Binary weights: the statistics and correlations of the chosen rows alone.
+    chosen = torch.zeros(64)
+    chosen[:20] = 1.0
+    assert correlation_loss(f, g, 0.005, chosen).item() == pytest.approx(
+        correlation_loss(f[:20], g[:20], 0.005).item(), rel=1e-9)
+    # Integer weights: each row repeated that many times.
+    counts = torch.tensor([1, 2, 3, 1] * 16)
+    repeated = correlation_loss(f.repeat_interleave(counts, 0), g.repeat_interleave(counts, 0), 0.005)
+    assert correlation_loss(f, g, 0.005, counts.double()).item() == pytest.approx(repeated.item(), rel=1e-9)
+    # No weight at all: 0 with a gradient path.
+    student = g.clone().requires_grad_(True)
+    zero = correlation_loss(f, student, 0.005, torch.zeros(64))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(student.grad, torch.zeros_like(student))
+    with pytest.raises(ValueError, match="one weight per row"):
+        correlation_loss(f, g, 0.005, torch.ones(63))
+    with pytest.raises(ValueError, match="finite weights >= 0"):
+        correlation_loss(f, g, 0.005, -torch.ones(64))
+
+
+def test_temporal_weights_are_a_weighted_mean_over_current_tokens() -> None:
+    gen = torch.Generator().manual_seed(3)
+    f_now, f_past = torch.randn(2, 6, 4, generator=gen), torch.randn(2, 2, 6, 4, generator=gen)
+    g_now = torch.randn(2, 6, 4, generator=gen)
+    valid = torch.tensor([[True, True], [True, False]])
+    plain = temporal_loss(f_now, f_past, g_now, valid)
+    assert temporal_loss(f_now, f_past, g_now, valid, weights=torch.ones(2, 6)).item() == pytest.approx(plain.item())
+    assert temporal_loss(f_now, f_past, g_now, valid, weights=torch.full((2, 6), 0.1)).item() == pytest.approx(
+        plain.item())
+    weights = torch.tensor([[1.0, 0.1, 0.1, 0.5, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    f_hat, g_hat, p_hat = (F.normalize(x, dim=-1, eps=1e-6) for x in (f_now, g_now, f_past))
+    log_t = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", f_hat, p_hat) / 0.1, dim=-1)
+    log_s = torch.log_softmax(torch.einsum("bnd,bkmd->bknm", g_hat, p_hat) / 0.1, dim=-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(dim=-1)                               # (B, K, N) per row
+    expected = (kl[0] * weights[0]).sum() / weights[0].sum()                        # sample 1 has no weight
+    loss = temporal_loss(f_now, f_past, g_now, valid, weights=weights)
+    assert loss.item() == pytest.approx(expected.item() / 2, rel=1e-5) and loss.item() > 0
+    with pytest.raises(ValueError, match=r"weights of shape \(B, N\)"):
+        temporal_loss(f_now, f_past, g_now, valid, weights=torch.ones(6))
+
+
+def test_footprints_mark_cell_centres_inside_rotated_boxes() -> None:
+    grid = BEVGrid.square(4.0, 8)                                      # 1 m cells, centres at ±0.5, ±1.5, ...
+    along_x = torch.tensor([[0.5, 0.5, 0.0, 1.0, 3.0, 1.0, 0.0]])          # 3 m along x through row 4
+    fp = footprints(along_x, grid)
+    assert fp.shape == (8, 8) and fp.sum().item() == 3.0
+    assert fp[4, 3:6].tolist() == [1.0, 1.0, 1.0]                         # x = -0.5, 0.5, 1.5 at y = 0.5
+    along_y = torch.tensor([[0.5, 0.5, 0.0, 1.0, 3.0, 1.0, math.pi / 2]])
+    assert footprints(along_y, grid)[3:6, 4].tolist() == [1.0, 1.0, 1.0]
+    assert footprints(torch.zeros(0, 9), grid).sum().item() == 0.0
+    assert footprints(torch.tensor([[0.5, 0.5, 0.0, 0.0, 3.0, 1.0, 0.0]]), grid).sum().item() == 0.0  # no width
+
+
+def test_gaussians_are_the_head_heatmap_targets() -> None:
+    from stxd_cache.teacher.center_head import CenterHead
+    from stxd_cache.teacher.config import DecodeConfig, LossConfig, TargetConfig
+
+    grid = BEVGrid.square(8.0, 16)
+    boxes = torch.tensor([[0.3, 0.2, 0.0, 1.8, 4.4, 1.5, 0.4, 0.0, 0.0],
+                          [-5.5, 4.0, 0.0, 0.6, 0.7, 1.7, 0.0, 0.0, 0.0]])
+    target = TargetConfig(gaussian_overlap=0.1, min_radius=1)
+    head = CenterHead(in_channels=4, tasks=[["car", "pedestrian"]], share_conv_channels=4, head_conv_channels=4,
+                      num_heatmap_convs=2, target=target, loss=LossConfig(), decode=DecodeConfig(nms="rotated"))
+    heat = head.build_targets([boxes], [torch.tensor([0, 8])], grid).heatmaps[0][0].amax(dim=0)
+    ours = gaussians(boxes, torch.ones(2), grid, gaussian_overlap=0.1, min_radius=1)
+    torch.testing.assert_close(ours, heat, rtol=0, atol=1e-6)
+    assert ours.max().item() == 1.0 and (ours > 0).sum().item() > 9
+    scaled = gaussians(boxes, torch.tensor([0.5, 0.25]), grid, gaussian_overlap=0.1, min_radius=1)
+    torch.testing.assert_close(scaled.max(), torch.tensor(0.5))
+
+
+def test_gt_and_teacher_foreground_and_cell_weights() -> None:
+    grid = BEVGrid.square(4.0, 8)
+    tiny_box = [0.5, 0.5, 0.0, 0.1, 0.1, 1.0, 0.0, 0.0, 0.0]      # holds no cell centre; radius min_radius = 1
+    fg = gt_foreground([torch.tensor([tiny_box]), torch.zeros(0, 9)], grid, gaussian_overlap=0.1, min_radius=1)
+    assert fg.shape == (2, 8, 8) and fg[1].sum().item() == 0.0
+    sigma2 = 0.5**2                                               # σ = (2·1 + 1) / 6
+    assert fg[0, 4, 4].item() == 1.0                              # the centre cell (col 4, row 4)
+    assert fg[0, 4, 5].item() == pytest.approx(math.exp(-1 / (2 * sigma2)))
+    assert fg[0, 5, 5].item() == pytest.approx(math.exp(-2 / (2 * sigma2)))
+    assert fg[0, 4, 6].item() == 0.0 and (fg[0] > 0).sum().item() == 9
+    big = [0.5, 0.5, 0.0, 1.0, 7.0, 1.0, 0.0, 0.0, 0.0]           # footprint along row 4 beyond the Gaussian
+    assert gt_foreground([torch.tensor([big])], grid, gaussian_overlap=0.1, min_radius=1)[0, 4, 1:8].min() == 1.0
+
+    boxes = torch.tensor([[tiny_box, tiny_box]])
+    teacher = teacher_foreground(boxes, torch.tensor([[0.6, 0.9]]), torch.tensor([[True, False]]), grid,
+                                 gaussian_overlap=0.1, min_radius=1)
+    torch.testing.assert_close(teacher, 0.6 * fg[:1])
+    weights = cell_weights(fg, 0.1)
+    assert weights[0, 4, 4].item() == 1.0 and weights[1].unique().tolist() == pytest.approx([0.1])
+    assert weights[0, 4, 5].item() == pytest.approx(0.1 + 0.9 * math.exp(-2))
+    with pytest.raises(ValueError, match="background_weight"):
+        cell_weights(fg, 1.5)

@@ -4,6 +4,7 @@ learnable (overfit on one batch), and start-up checks of the distill config agai
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ from tiny import tiny_student
 
 ALL_TERMS = {"terms": ["cd", "td", "rd", "mse"], "alpha_cd": 0.1, "alpha_td": 1.0, "alpha_rd": 1.0,
              "alpha_mse": 1.0, "k": 2}
+# The tiny teacher is untrained: none of its boxes lies on a GT box of its class, and RD is 0 with the class-aware
+# matching. The class-blind matching keeps two boxes of samples 2 and 3 (one of them turned by more than 90°);
+# `test_rd_learns_from_a_teacher_that_matches_the_gt` covers the default matching.
+BLIND_RD = {"rd_class_aware": False, "rd_drop_flipped": False}
 
 
 def test_cached_fit_never_builds_the_teacher_nor_reads_lidar(tmp_path: Path, synth_root: Path, cache: Path,
@@ -70,9 +75,9 @@ def _distiller(cache: Path, **distill: object) -> Distiller:
 def test_each_distillation_term_decreases_when_overfitting_one_batch(terms: list[str], train_index,
                                                                      cache: Path) -> None:
     """STXD's three terms together (and the MSE baseline alone) each fall when one batch is fitted."""
-    model = _distiller(cache, terms=terms)
+    model = _distiller(cache, terms=terms, **BLIND_RD)
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
-                            cache_path=str(cache))
+                            cache_path=str(cache), gt_match=model.cfg.gt_match)
     batch = collate([dataset[2], dataset[3]])
     assert batch.cache["past_valid"].any() and (batch.cache["count"] > 0).all()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -231,11 +236,12 @@ def test_sweep_runs_seed_major() -> None:
     assert runs[2].overrides == ("train.seed=5",) and runs[2].out == Path("out/b/seed5")
 
 
-@pytest.mark.parametrize(("precision", "rtol"), [("fp16", 2e-3), ("int8", 2e-2)])
+@pytest.mark.parametrize(("precision", "rtol"), [("fp16", 1e-4), ("int8", 2e-2)])
 def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index, synth_root: Path, cache: Path,
                                         teacher_ckpt: Path, tmp_path: Path) -> None:
     """For one batch and one student output, every distillation term from the cache equals the term from the live
-    teacher: within fp16 rounding for an fp16 cache, within the documented int8 tolerance (2 %) for int8."""
+    teacher: once the live features are rounded to float16 as an fp16 cache stores them (TD's sharp softmax turns
+    that rounding alone into up to 1 % of its value), and within the documented int8 tolerance (2 %) for int8."""
     import dataclasses
 
     from stxd_cache.extract import extract
@@ -253,9 +259,12 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
     batch = collate([dataset[2], dataset[3]])
     with torch.no_grad():
         out = model.student.eval()(batch)
-        cached = model.distill_terms(out, batch.cache, batch.gt_boxes)
+        cached = model.distill_terms(out, batch.cache, batch.gt_boxes, batch.gt_labels)
         live = online.records(batch.points)
-        recomputed = model.distill_terms(out, live, batch.gt_boxes)
+        if precision == "fp16":   # the cache's storage rounding, applied to the live record
+            live = {k: v.half().float() if k in ("bev", "tokens", "past_tokens", "probs") else v
+                    for k, v in live.items()}
+        recomputed = model.distill_terms(out, live, batch.gt_boxes, batch.gt_labels)
     assert torch.equal(live["past_valid"], batch.cache["past_valid"]) and torch.equal(live["count"],
                                                                                        batch.cache["count"])
     assert set(cached) == {"loss_cd", "loss_td", "loss_rd", "loss_mse"}
@@ -263,7 +272,8 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
     from stxd_train.distill import quality_weights
 
     args = (batch.cache["boxes"], batch.cache["scores"], batch.gt_boxes)
-    assert torch.allclose(quality_weights(*args, iou=batch.cache["iou"]), quality_weights(*args), atol=1e-6)
+    labels = {"teacher_labels": batch.cache["labels"], "gt_labels": batch.gt_labels}
+    assert torch.allclose(quality_weights(*args, iou=batch.cache["iou"]), quality_weights(*args, **labels), atol=1e-6)
     # Without RD the loader skips the IoU, and RD-free terms are unchanged.
     no_iou = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1, cache_path=str(cache),
                            gt_iou=False)
@@ -322,3 +332,233 @@ def test_bev_tokens_match_the_cache_token_order() -> None:
 
     bev = torch.randn(2, 3, 8, 8)
     np.testing.assert_allclose(bev_tokens(bev, 4).numpy(), pool_tokens(bev.numpy(), 4), atol=1e-6)
+
+
+# ---------------------------------------------------------------- knobs beside the paper's losses
+
+
+def _batch(train_index, model: Distiller, cache: Path, items: tuple[int, ...] = (2, 3)):
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
+                            cache_path=str(cache), gt_match=model.cfg.gt_match)
+    return collate([dataset[i] for i in items])
+
+
+
+def test_warmup_ramps_every_distillation_weight(train_index, cache: Path) -> None:
+    assert [DistillConfig(warmup_steps=4).warmup_factor(s) for s in (None, 0, 1, 2, 4, 100)] == [
+        1.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert DistillConfig().warmup_factor(0) == 1.0
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        DistillConfig(warmup_steps=-1)
+    model = _distiller(cache, warmup_steps=4, **BLIND_RD)
+    batch = _batch(train_index, model, cache)
+    with torch.no_grad():
+        out = model.student.eval()(batch)
+        full = model.distill_terms(out, batch.cache, batch.gt_boxes, batch.gt_labels)
+        assert all(float(v) > 0 for v in full.values()), full
+        for step, factor in ((0, 0.0), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
+            model.step = step
+            ramped = model.distill_terms(out, batch.cache, batch.gt_boxes, batch.gt_labels)
+            for name, value in full.items():
+                assert float(ramped[name]) == pytest.approx(factor * float(value), rel=1e-6, abs=1e-12), (step, name)
+
+
+def test_warmup_step_survives_a_resume(tmp_path: Path, synth_root: Path, cache: Path) -> None:
+    """The logged terms of step 2 are the same whether the run went on or was resumed from step 1: the hook gives the
+    distiller the trainer's restored step, and the first step trains without distillation."""
+    import shutil
+
+    raw = tiny_student("bevformer")
+    raw["distill"] = {**ALL_TERMS, "terms": ["cd", "mse"], "warmup_steps": 2}
+    raw["train"].update(max_steps=2, checkpoint_every=1, keep_checkpoints=True)
+    out = tmp_path / "run"
+    cfg = from_dict(StudentRunConfig, raw)
+    fit(cfg, dataroot=str(synth_root), version="v1.0-synth", out=out, cache=str(cache), device="cpu")
+
+    def terms() -> list[dict[str, float]]:
+        return [json.loads(line)["terms"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    first = terms()
+    assert first[0]["loss_cd"] == 0.0 and first[0]["loss_mse"] == 0.0       # factor 0 at the first step
+    assert first[1]["loss_cd"] > 0 and first[1]["loss_mse"] > 0             # factor 1/2 at the second
+    shutil.copyfile(out / "checkpoints" / "step_000001.pt", out / "checkpoints" / "last.pt")
+    fit(cfg, dataroot=str(synth_root), version="v1.0-synth", out=out, cache=str(cache), device="cpu", resume=True)
+    again = terms()
+    assert len(again) == 2 and again[1] == pytest.approx(first[1], rel=1e-5)
+
+
+def test_feature_terms_take_the_foreground_weights(train_index, cache: Path) -> None:
+    from pipelines.grid import resample
+    from stxd_train.distill import correlation_loss, feature_mse, temporal_loss
+    from stxd_train.distiller import bev_tokens
+
+    terms = {"terms": ["cd", "td", "mse"], "alpha_cd": 1.0}
+    plain = _distiller(cache, fg_mask="none", **terms)
+    batch = _batch(train_index, plain, cache)
+    with torch.no_grad():
+        out = plain.student.eval()(batch)
+        reference = plain.distill_terms(out, batch.cache, batch.gt_boxes)
+        assert plain.cell_weights(batch.cache, batch.gt_boxes) is None
+        for mask in ("gt", "teacher"):
+            model = _distiller(cache, fg_mask=mask, fg_background_weight=0.1, **terms)
+            model.load_state_dict(plain.state_dict())
+            weights = model.cell_weights(batch.cache, batch.gt_boxes)                    # (B, 8, 8)
+            assert weights.shape == (2, 8, 8) and weights.min() == pytest.approx(0.1) and weights.max() <= 1.0
+            got = model.distill_terms(out, batch.cache, batch.gt_boxes)
+            adapted = model.adapter(out.bev)
+            teacher = resample(batch.cache["bev"], model.teacher_grid, model.student.grid)
+            f, g = (x.permute(0, 2, 3, 1).flatten(0, 2) for x in (teacher, adapted))
+            assert float(got["loss_cd"]) == pytest.approx(float(correlation_loss(f, g, 0.005, weights.flatten())))
+            assert float(got["loss_mse"]) == pytest.approx(float(feature_mse(teacher, adapted, weights)))
+            token_weights = torch.nn.functional.avg_pool2d(weights[:, None], 2).flatten(1)   # 8×8 cells → 4×4 tokens
+            expected_td = temporal_loss(batch.cache["tokens"], batch.cache["past_tokens"][:, :2],
+                                        bev_tokens(adapted, 4), batch.cache["past_valid"][:, :2], tau=0.1,
+                                        weights=token_weights)
+            assert float(got["loss_td"]) == pytest.approx(float(expected_td))
+            assert all(float(got[k]) != pytest.approx(float(reference[k])) for k in reference), mask
+        # GT cells: every GT centre cell has weight 1.
+        model = _distiller(cache, fg_mask="gt", **terms)
+        weights = model.cell_weights(batch.cache, batch.gt_boxes)
+        assert weights.max() == 1.0 and weights.min() == pytest.approx(0.1)
+        for b, boxes in enumerate(batch.gt_boxes):
+            cells = torch.floor(model.student.grid.world_to_cell(boxes[:, :2]) + 0.5).long()
+            assert (weights[b, cells[:, 1], cells[:, 0]] == 1.0).all()
+        # A background weight of 1 is the paper's reading.
+        flat = _distiller(cache, fg_mask="gt", fg_background_weight=1.0, **terms)
+        flat.load_state_dict(plain.state_dict())
+        same = flat.distill_terms(out, batch.cache, batch.gt_boxes)
+        for name, value in reference.items():
+            assert float(same[name]) == pytest.approx(float(value), rel=1e-5), name
+
+
+def _head_case() -> tuple[Distiller, list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """A distiller over the tiny student, head maps with a hand-set car prediction at cell (col 5, row 2) of the
+    8×8 grid (6.4 m cells), and the GT car there."""
+    from pipelines.grid import BEVGrid
+
+    torch.manual_seed(0)
+    student = build_student(from_dict(StudentConfig, tiny_student("uvtr")["model"]))
+    model = Distiller(student=student, cfg=from_dict(DistillConfig, {"terms": ["rd"]}),
+                      teacher_grid=BEVGrid.square(25.6, 16), teacher_channels=8, token_grid=4, k_max=2)
+    preds = [{name: torch.zeros(1, ch, 8, 8) for name, ch in (("heatmap", len(ids)), ("reg", 2), ("height", 1),
+                                                               ("dim", 3), ("rot", 2), ("vel", 2))}
+             for ids in student.head.task_classes]
+    car = preds[0]
+    car["heatmap"][0, 0, 2, 5] = 1.0
+    car["reg"][0, :, 2, 5] = torch.tensor([0.3, 0.6])
+    car["height"][0, 0, 2, 5] = -0.5
+    car["dim"][0, :, 2, 5] = torch.log(torch.tensor([2.0, 4.0, 1.5]))
+    car["rot"][0, :, 2, 5] = torch.tensor([0.3 * math.sin(0.7), 0.3 * math.cos(0.7)])   # right yaw, norm 0.3
+    car["vel"][0, :, 2, 5] = torch.tensor([3.0, -1.0])
+    for p in preds:
+        for t in p.values():
+            t.requires_grad_(True)
+    gt = torch.tensor([[9.0, -8.0, -1.0, 1.8, 4.4, 1.6, 0.7, 2.0, 0.5]])                 # in cell (5, 2)
+    return model, preds, gt, torch.tensor([0])
+
+
+def _record(boxes: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A one-sample teacher record holding `boxes` (M, 9) with score 1 and one padding slot."""
+    m = len(boxes)
+    return {"boxes": torch.cat([boxes, torch.zeros(1, 9)])[None],
+            "labels": torch.cat([labels, torch.tensor([-1])])[None],
+            "scores": torch.cat([torch.ones(m), torch.zeros(1)])[None],
+            "probs": torch.cat([probs, torch.zeros(1, probs.shape[1])])[None], "count": torch.tensor([m])}
+
+
+def test_rd_in_the_head_space_is_the_head_box_loss() -> None:
+    """With the teacher box on its GT box, encoded RD is the head's own `loss_bbox` for that box (code_weights ×
+    bbox_weight, offsets in cells, the raw sin and cos); the decoded reading is the paper's formula."""
+    from pipelines.boxes import encode_boxes
+    from stxd_train.students.common import StudentOutput
+
+    model, preds, gt, gt_labels = _head_case()
+    head, grid = model.student.head, model.student.grid
+    out = StudentOutput(bev=torch.zeros(1, 8, 8, 8), preds=preds)
+    boxes, probs, _ = head.read_at(preds, grid, gt[None], gt_labels[None], torch.ones(1, 1, dtype=torch.bool))
+    record = _record(gt, gt_labels, probs[0].detach())                         # KL = 0: only the boxes differ
+    rd = model.response_term(out, record, [gt], [gt_labels])
+    bbox = head.loss(preds, head.build_targets([gt], [gt_labels], grid))["loss_bbox"]
+    assert rd.item() == pytest.approx(bbox.item(), rel=1e-5) and rd.item() > 0.5
+    rd.backward()
+    assert preds[0]["rot"].grad[0, :, 2, 5].abs().sum() > 0                    # the yaw's norm is taught
+    assert preds[0]["vel"].grad[0, :, 2, 5].abs().tolist() == pytest.approx([0.25 * 0.2] * 2)
+
+    # The paper's reading: decoded boxes re-encoded (the atan2 round trip hides the sin/cos norm), unit weights.
+    paper = Distiller(student=model.student, cfg=from_dict(DistillConfig, {"terms": ["rd"], "rd_space": "decoded"}),
+                      teacher_grid=model.teacher_grid, teacher_channels=8, token_grid=4, k_max=2)
+    decoded = paper.response_term(out, record, [gt], [gt_labels])
+    expected = (encode_boxes(boxes[0, 0]) - encode_boxes(gt[0])).abs().sum()
+    assert decoded.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (encode_boxes(boxes[0, 0]) - encode_boxes(gt[0]))[6:8].abs().max() < 1e-5
+
+
+def test_rd_quality_is_class_aware_and_drops_flipped_boxes() -> None:
+    from stxd_train.students.common import StudentOutput
+
+    model, preds, gt, gt_labels = _head_case()
+    out = StudentOutput(bev=torch.zeros(1, 8, 8, 8), preds=preds)
+    flipped = gt.clone()
+    flipped[0, 6] += math.pi
+    probs = torch.full((1, 10), 0.5)
+    same = model.response_term(out, _record(gt, gt_labels, probs), [gt], [gt_labels])
+    assert same.item() > 0
+    # A truck on the car, and the car turned by 180° (BEV IoU 1): quality 0, so RD is 0.
+    for boxes, labels in ((gt, torch.tensor([1])), (flipped, gt_labels)):
+        assert model.response_term(out, _record(boxes, labels, probs), [gt], [gt_labels]).item() == 0.0
+    blind = Distiller(student=model.student, cfg=from_dict(DistillConfig, {"terms": ["rd"], **BLIND_RD}),
+                      teacher_grid=model.teacher_grid, teacher_channels=8, token_grid=4, k_max=2)
+    assert blind.response_term(out, _record(flipped, gt_labels, probs), [gt], [gt_labels]).item() > same.item()
+    with pytest.raises(ValueError, match="needs teacher_labels and gt_labels"):
+        model.response_term(out, _record(gt, gt_labels, probs), [gt], None)
+
+
+def test_rd_learns_from_a_teacher_that_matches_the_gt(train_index, cache: Path) -> None:
+    """With the default matching, RD falls when one batch is fitted against a record whose boxes are the GT."""
+    model = _distiller(cache, terms=["rd"])
+    batch = _batch(train_index, model, cache)
+    m = batch.cache["boxes"].shape[1]
+    record = dict(batch.cache)
+    record.pop("iou")
+    boxes, labels = torch.zeros(2, m, 9), torch.full((2, m), -1)
+    for b, (gt, gt_labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels, strict=True)):
+        boxes[b, :len(gt)], labels[b, :len(gt)] = gt, gt_labels
+    record.update(boxes=boxes, labels=labels, scores=(labels >= 0).float() * 0.9,
+                  probs=torch.nn.functional.one_hot(labels.clamp(min=0), 10).float() * 0.9,
+                  count=torch.tensor([len(g) for g in batch.gt_boxes]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(25):
+        out = model.student(batch)
+        loss = model.distill_terms(out, record, batch.gt_boxes, batch.gt_labels)["loss_rd"]
+        history.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert history[0] > 0 and min(history[-5:]) < 0.8 * history[0], [round(h, 4) for h in history]
+
+
+def test_rd_options_agree_between_cached_and_online_records(train_index, cache: Path, teacher_ckpt: Path) -> None:
+    """The class-blind RD (which keeps boxes of the tiny teacher) and the teacher-heatmap weights give the same terms
+    from the cache as from the live teacher."""
+    import dataclasses
+
+    from stxd_train.fit import build_online_teacher
+    from tiny import CACHE
+
+    model = _distiller(cache, terms=["rd", "mse", "cd"], fg_mask="teacher", **BLIND_RD)
+    online = build_online_teacher(str(teacher_ckpt), dataclasses.replace(CACHE, precision="fp16"), 2,
+                                  torch.device("cpu"))
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
+                            cache_path=str(cache), lidar=online.frames, gt_match=model.cfg.gt_match)
+    batch = collate([dataset[2], dataset[3]])
+    with torch.no_grad():
+        out = model.student.eval()(batch)
+        cached = model.distill_terms(out, batch.cache, batch.gt_boxes, batch.gt_labels)
+        live = online.records(batch.points)
+        recomputed = model.distill_terms(out, live, batch.gt_boxes, batch.gt_labels)
+        torch.testing.assert_close(model.cell_weights(live, batch.gt_boxes),
+                                   model.cell_weights(batch.cache, batch.gt_boxes), rtol=0, atol=2e-3)
+    assert cached["loss_rd"] > 0
+    for name, value in cached.items():
+        assert float(recomputed[name]) == pytest.approx(float(value), rel=2e-3), name

@@ -149,3 +149,34 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path: Path, synth_root: Path) -
     print("DDP vs 1 process, relative loss gap per step:", ", ".join(f"{100 * g:.2f} %" for g in gaps))
     assert max(gaps) < 0.02, (a, b)
     assert (ddp / "student.pt").is_file() and len(list((ddp / "checkpoints").glob("*.pt"))) == 1
+
+
+_CAMERA_ONLY = """
+import sys
+from stxd_train.cli import main
+for args in ({fit}, {eval}, {diagnose}):
+    try:
+        main(args=args, prog_name="stxd-train")
+    except SystemExit as exc:
+        assert exc.code in (0, None), (args, exc.code)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "spconv"))
+"""
+
+
+def test_a_cached_fit_eval_and_diagnose_never_import_spconv(tmp_path: Path, synth_root: Path, cache: Path) -> None:
+    """Camera runs read the teacher's records from the cache: the teacher's library (spconv, 8 s of imports) stays
+    out of the process."""
+    raw = tiny_student("bevformer")
+    raw["train"]["max_steps"] = 1
+    raw["distill"] = {"terms": ["cd", "td", "rd"], "k": 2}
+    config, run = tmp_path / "s.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(raw))
+    fit_args = ["fit", "--config", str(config), "--dataroot", str(synth_root), "--version", VERSION, "--out",
+                str(run), "--cache", str(cache), "--device", "cpu"]
+    script = _CAMERA_ONLY.format(fit=fit_args, eval=["eval", "--run", str(run), "--device", "cpu"],
+                                 diagnose=["diagnose", "--cache", str(cache), "--run", str(run), "--split",
+                                           "synth_val", "--device", "cpu"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]

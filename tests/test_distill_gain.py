@@ -1,0 +1,165 @@
+"""benchmarks/distill_gain.py: the whole protocol on tiny data (dataset with a synth_test split, tiny teacher, cache,
+two variants x two seeds of a tiny student for 2 steps), its results file, its paired statistics, and resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipelines.config import read_yaml
+from pipelines.evaluation import source_revision
+from tiny import TINY_TEACHER, cache_config_file, tiny_student
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "distill_gain.py"
+T_975_1DOF = 12.706   # Student's t, 0.975 quantile, 1 degree of freedom (two seeds)
+NUMBER = r"([+-]?\d+\.\d{4})"
+
+
+def _import_script():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import distill_gain
+
+    return distill_gain
+
+
+def _tiny_configs(directory: Path) -> list[str]:
+    """The protocol's options for the tiny configs: synth_tiny with one scene held out as synth_test, the tiny
+    teacher and cache, and a tiny BEVFormer student."""
+    data = read_yaml(REPO / "configs" / "data" / "synth_tiny.yaml")
+    data["test_fraction"] = 0.34
+    (directory / "data.yaml").write_text(yaml.safe_dump(data))
+    teacher = read_yaml(REPO / "configs" / "teacher" / "centerpoint_synth.yaml")
+    teacher["model"] = TINY_TEACHER
+    teacher["train"].update(max_steps=2, checkpoint_every=1, log_every=1)
+    teacher["data"].update(num_workers=0)
+    (directory / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+    students = directory / "students"
+    students.mkdir()
+    (students / "tiny_bevformer.yaml").write_text(yaml.safe_dump(tiny_student("bevformer")))
+    return ["--data-config", str(directory / "data.yaml"), "--teacher-config", str(directory / "teacher.yaml"),
+            "--cache-config", str(cache_config_file(directory)), "--student-configs", str(students), "--workers", "2"]
+
+
+def _file_times(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow   # 12 processes that each import torch and spconv: several minutes on 2 cores
+def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
+    work, results = tmp_path / "work", tmp_path / "results" / "gain.json"
+    command = [sys.executable, str(SCRIPT), "--work", str(work), "--results", str(results), "--students",
+               "tiny_bevformer", "--variants", "plain,stxd", "--seeds", "0,1", "--steps", "2", "--device", "cpu",
+               *_tiny_configs(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "schedule: 4 runs (1 students x 2 variants x 2 seeds, seed-major) = 8 student steps" in first.stdout
+
+    saved = json.loads(results.read_text())
+    assert saved["eval_split"] == "synth_test" and saved["eval_frames"] == 4   # one scene of 4 keyframes
+    assert saved["schedule"]["runs"] == 4 and saved["schedule"]["student_steps"] == 8
+    assert saved["device"] and saved["teacher"]["steps"] == 2
+    commit = source_revision()["commit"]
+    # Seed-major: both variants of seed 0 before seed 1, so that a partial grid already pairs.
+    assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [("plain", 0), ("stxd", 0), ("plain", 1),
+                                                                   ("stxd", 1)]
+    for record in saved["runs"]:
+        run = Path(record["run"])
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert record["student"] == "tiny_bevformer" and record["steps"] == 2 and record["commit"] == commit
+        assert (record["nds"], record["map"]) == (metrics["NDS"], metrics["mAP"])
+        assert metrics["split"] == "synth_test" and record["eval_frames"] == 4
+        assert record["per_class_ap"] == metrics["per_class_AP"]
+        assert record["tp_errors"] == {k: metrics[k] for k in ("mATE", "mASE", "mAOE", "mAVE", "mAAE")}
+        assert record["wall_seconds"] > 0 and record["device"] == saved["device"]
+        assert isinstance(record["dirty"], bool) or record["dirty"] is None
+        config = read_yaml(run / "config.yaml")
+        assert config["train"]["max_steps"] == 2 and config["train"]["seed"] == record["seed"]
+        assert config["distill"]["terms"] == ([] if record["variant"] == "plain" else ["cd", "td", "rd"])
+
+    # The paired statistics, by hand from the JSON values: per-seed differences, their mean and the t interval.
+    by = {(r["variant"], r["seed"]): r for r in saved["runs"]}
+    table = results.with_suffix(".md").read_text()
+    assert table in first.stdout
+    for metric, column in (("nds", 0), ("map", 1)):
+        plain = [by["plain", s][metric] for s in (0, 1)]
+        stxd = [by["stxd", s][metric] for s in (0, 1)]
+        differences = [b - a for a, b in zip(plain, stxd, strict=True)]
+        mean = statistics.fmean(differences)
+        half = T_975_1DOF * statistics.stdev(differences) / math.sqrt(2)
+        summary = next(r for r in saved["summary"] if r["variant"] == "stxd")[f"delta_{metric}"]
+        assert summary["differences"] == {"0": differences[0], "1": differences[1]}
+        assert summary["mean"] == pytest.approx(mean, abs=1e-12)
+        assert summary["ci_low"] == pytest.approx(mean - half, rel=1e-4, abs=1e-12)
+        assert summary["ci_high"] == pytest.approx(mean + half, rel=1e-4, abs=1e-12)
+        row = re.search(rf"^\| stxd \| 0,1 \| {NUMBER} ± {NUMBER} \| {NUMBER} ± {NUMBER} \| "
+                        rf"{NUMBER} \[{NUMBER}, {NUMBER}\] \(n = 2\) \| {NUMBER} \[{NUMBER}, {NUMBER}\] \(n = 2\) \|$",
+                        table, re.MULTILINE)
+        assert row is not None, table
+        values = [float(v) for v in row.groups()]
+        assert values[2 * column] == pytest.approx(statistics.fmean(stxd), abs=6e-5)
+        assert values[2 * column + 1] == pytest.approx(statistics.stdev(stxd), abs=6e-5)
+        assert values[4 + 3 * column: 7 + 3 * column] == pytest.approx([mean, mean - half, mean + half], abs=1e-4)
+    assert re.search(r"^\| plain \| 0,1 \| .* \| – \| – \|$", table, re.MULTILINE)
+
+    # A second invocation finds every run recorded at this commit: nothing runs, nothing changes.
+    before, text = _file_times(work), results.read_text()
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 already recorded" in again.stdout and "stxd-train" not in again.stdout
+    assert _file_times(work) == before and results.read_text() == text
+
+    # A run missing from the JSON (killed before it was recorded) is rebuilt from its finished folder, untouched.
+    saved["runs"] = saved["runs"][:-1]
+    results.write_text(json.dumps(saved, indent=2) + "\n")
+    rebuilt = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "1 to do" in rebuilt.stdout and "stxd-train" not in rebuilt.stdout
+    assert _file_times(work) == before and results.read_text() == text
+
+
+def test_paired_statistics_and_table_by_hand() -> None:
+    """Three seeds, and a variant missing a seed: differences pair by seed; the interval uses t(0.975, n - 1)."""
+    script = _import_script()
+
+    def record(variant: str, seed: int, nds: float) -> dict:
+        return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": nds, "map": nds / 2}
+
+    records = [record("plain", 0, 0.30), record("plain", 1, 0.20), record("plain", 2, 0.25),
+               record("stxd", 0, 0.35), record("stxd", 1, 0.26), record("stxd", 2, 0.24),
+               record("cd", 1, 0.22)]
+    rows = {r["variant"]: r for r in script.summarize(records)}
+    assert list(rows) == ["plain", "cd", "stxd"]   # the variants' own order
+    delta = rows["stxd"]["delta_nds"]
+    differences = [0.05, 0.06, -0.01]
+    mean = sum(differences) / 3
+    half = 4.3027 * statistics.stdev(differences) / math.sqrt(3)   # t(0.975, 2 dof)
+    assert [delta["differences"][s] for s in "012"] == pytest.approx(differences)
+    assert delta["n"] == 3 and delta["mean"] == pytest.approx(mean)
+    assert (delta["ci_low"], delta["ci_high"]) == pytest.approx((mean - half, mean + half), abs=1e-5)
+    assert rows["cd"]["delta_nds"]["n"] == 1 and rows["cd"]["delta_nds"]["ci_low"] is None
+    assert rows["plain"]["nds_std"] == pytest.approx(0.05) and "delta_nds" not in rows["plain"]
+    table = script.markdown({"eval_split": "synth_test", "eval_frames": 400, "runs": records, "commit": "abc",
+                             "dirty": False, "device": "cpu", "schedule": {"runs": 9},
+                             "summary": script.summarize(records)})
+    assert "| stxd | 0,1,2 | 0.2833 ± 0.0586 | 0.1417 ± 0.0293 | +0.0333 [-0.0607, +0.1274] (n = 3) | " in table
+    assert "| cd | 1 | 0.2200 | 0.1100 | +0.0200 (n = 1) |" in table
+    assert "7 of 9 runs recorded" in table
+
+
+def test_refuses_an_eval_split_that_the_dataset_does_not_write(tmp_path: Path) -> None:
+    script = _import_script()
+    result = CliRunner().invoke(script.main, ["--work", str(tmp_path / "work"), "--results",
+                                              str(tmp_path / "r.json"), "--data-config",
+                                              str(REPO / "configs" / "data" / "synth_tiny.yaml")])
+    assert result.exit_code == 1 and "not --eval-split synth_test" in result.output
+    assert "test_fraction" in result.output and not (tmp_path / "work" / "data").exists()
