@@ -60,7 +60,8 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
         workers: processes generating scenes in parallel (default: the CPU count).
         overwrite: replace a dataset that this writer generated at `out` (only the folders it creates; a root
             without its `.stxd-synth` marker, such as a real nuScenes root, is never removed).
-        reuse: keep a complete dataset at `out` that was generated from the same config.
+        reuse: keep a complete dataset at `out` that was generated from the same config; one that this writer
+            started but did not finish is generated again.
         progress: called as `progress(done, total)` after each scene.
     """
     start = time.perf_counter()
@@ -70,7 +71,9 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     if reuse and stamp.is_file() and yaml.safe_load(stamp.read_text()) == _stamp_record(cfg):
         return _summary(root, cfg, time.perf_counter() - start, reused=True)
     existing = [p for p in (table_dir, *(root / f for f in _OUTPUT_FOLDERS)) if p.exists()]
-    if existing and not overwrite:
+    # A generation of ours that stopped before its stamp (killed, or a full disk) is redone under --reuse.
+    interrupted = reuse and not stamp.is_file() and (root / OWNER_FILE).is_file()
+    if existing and not (overwrite or interrupted):
         raise DatasetError(f"{root} already holds a dataset ({', '.join(str(p) for p in existing)}); "
                            "pass --overwrite to replace it, --reuse to keep it if it was generated from the "
                            "same config, or choose another --out")

@@ -362,3 +362,22 @@ def test_ray_solid_matches_the_nearest_part() -> None:
         assert 400 < len(hit) < 3600, name
         assert np.array_equal(part[hit], t_part.argmin(axis=0)[hit])
         assert np.array_equal(face[hit], np.stack([f for _, _, f, _ in per_part])[part[hit], hit])
+
+
+def test_reuse_redoes_an_interrupted_generation_of_its_own_only(tmp_path: Path) -> None:
+    from pipelines.errors import DatasetError
+    from pipelines.synth.writer import CONFIG_FILE, OWNER_FILE
+
+    cfg = SynthConfig(scenes=1, samples_per_scene=2, image_size=(32, 18), sweeps=0, azimuth_steps=128)
+    root = tmp_path / "root"
+    generate(cfg, root, workers=1)
+    stamp = root / cfg.version / CONFIG_FILE
+    stamp.unlink()   # what a generation killed before its last write leaves: our marker, no stamp
+    (root / cfg.version / "sample.json").write_text("[]")
+    kept = generate(cfg, root, workers=1, reuse=True)
+    assert stamp.is_file() and kept.samples == 2 and not kept.reused
+    stamp.unlink()
+    (root / OWNER_FILE).unlink()   # folders that no generation of ours marked: never removed
+    with pytest.raises(DatasetError, match="--overwrite"):
+        generate(cfg, root, workers=1, reuse=True)
+    assert (root / "samples").is_dir()
