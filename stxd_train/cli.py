@@ -184,7 +184,7 @@ def diagnose(cache: str, runs: tuple[str, ...], split: str, dataroot: str | None
     # Read before the slow feature pass, so that a run not yet scored fails at once.
     aoe = orientation_markdown(runs) if orientation else None
     table = run_diagnose(cache, runs=runs, split=split, dataroot=dataroot, version=version, device=device,
-                         max_rows=max_rows, raw_bev=True)
+                         max_rows=max_rows)
     click.echo(deff_markdown(table), nl=False)
     if aoe is not None:
         click.echo("")

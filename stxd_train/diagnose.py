@@ -102,14 +102,13 @@ def _row(features: str, x: torch.Tensor) -> dict[str, Any]:
 
 
 def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, dataroot: str | None = None,
-             version: str | None = None, device: str = "auto", max_rows: int = 100_000, seed: int = 0,
-             raw_bev: bool = False) -> list[dict[str, Any]]:
+             version: str | None = None, device: str = "auto", max_rows: int = 100_000,
+             seed: int = 0) -> list[dict[str, Any]]:
     """Rows of the d_eff table: the teacher first, then the feature sets of each run.
 
     Each row has `features` (a label), `channels`, `rows` (BEV cells measured), `d_eff` (covariance spectrum),
     `d_eff_corr` (correlation spectrum) and `constant_channels` (left out of the correlation spectrum). A run
-    gives one row: its adapted BEV when it was distilled through an adapter, else its raw BEV. With `raw_bev`,
-    a run with an adapter gives its raw BEV (before the adapter) as a row of its own, before the adapted one.
+    gives a row for its raw BEV and, when it was distilled through an adapter, one for its adapted BEV.
     The split's samples come from `dataroot`/`version`, or from the first run's config when they are None.
     """
     from pipelines.config import read_yaml
@@ -158,8 +157,7 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
         label = f"{run} ({cfg.model.name}, distill: {','.join(cfg.distill.terms) or 'none'}"
         if adapted_rows:
             raw_x, adapted_x = sampler.finish(raw_rows, adapted_rows)
-            if raw_bev:
-                table.append(_row(f"{label}, BEV)", raw_x))
+            table.append(_row(f"{label}, BEV)", raw_x))
             table.append(_row(f"{label}, adapted BEV)", adapted_x))
         else:
             table.append(_row(f"{label}, BEV)", *sampler.finish(raw_rows)))

@@ -150,13 +150,13 @@ def test_cli_on_the_tiny_cache_with_a_distilled_run(tmp_path: Path, synth_root: 
     assert rows[2][0] == f"| {run} (bevformer, distill: cd, adapted BEV)" and rows[2][3].startswith(str(channels))
     assert "| car | 0.125 |" in lines and "| mAOE | 0.610 |" in lines
 
-    table = diagnose(cache, runs=[run], split="synth_val", device="cpu", raw_bev=True)
+    table = diagnose(cache, runs=[run], split="synth_val", device="cpu")
     _, bev, adapted = table
     assert bev["channels"] == raw["model"]["embed_dims"] and adapted["channels"] == channels
     for row in table:
         assert 1.0 <= row["d_eff"] <= row["channels"]
         assert 1.0 <= row["d_eff_corr"] <= row["channels"] - row["constant_channels"]
-    assert [r["rows"] for r in diagnose(cache, runs=[run], split="synth_val", device="cpu")] == [1024, 256]
+    assert [r["rows"] for r in table] == [1024, 256, 256]   # the raw and adapted rows use the same cells
 
     rescaled = tmp_path / "rescaled"
     rescaled.mkdir()
@@ -168,7 +168,7 @@ def test_cli_on_the_tiny_cache_with_a_distilled_run(tmp_path: Path, synth_root: 
     saved["adapter"][f"{last}.weight"] = saved["adapter"][f"{last}.weight"] * gain[:, None, None, None]
     saved["adapter"][f"{last}.bias"] = saved["adapter"][f"{last}.bias"] * gain + 1.0
     torch.save(saved, rescaled / "student.pt")
-    _, bev2, adapted2 = diagnose(cache, runs=[rescaled], split="synth_val", device="cpu", raw_bev=True)
+    _, bev2, adapted2 = diagnose(cache, runs=[rescaled], split="synth_val", device="cpu")
     assert bev2["d_eff"] == pytest.approx(bev["d_eff"], rel=1e-6)
     assert adapted2["d_eff_corr"] == pytest.approx(adapted["d_eff_corr"], rel=1e-4)
     assert abs(adapted2["d_eff"] - adapted["d_eff"]) > 0.1 * adapted["d_eff"]
