@@ -65,7 +65,8 @@ class CameraView:
 class GroundTruth:
     """Annotated objects of a sample, in the keyframe LiDAR frame (detection classes only)."""
 
-    boxes: np.ndarray               # (N, 9) float32 [x, y, z, w, l, h, yaw, vx, vy]; NaN velocity → 0
+    boxes: np.ndarray               # (N, 9) float32 [x, y, z, w, l, h, yaw, vx, vy]; unknown velocity → 0 (see
+                                    # training_boxes for the NaN that training targets use)
     labels: np.ndarray              # (N,) int64 indices into DETECTION_CLASSES
     velocity_valid: np.ndarray      # (N,) bool: False where the devkit cannot estimate a velocity
     attributes: tuple[str, ...]     # '' where the annotation has none
@@ -76,6 +77,13 @@ class GroundTruth:
     @property
     def names(self) -> list[str]:
         return [DETECTION_CLASSES[i] for i in self.labels]
+
+    def training_boxes(self) -> np.ndarray:
+        """A copy of `boxes` (N, 9) with NaN where the velocity is unknown, so that the detection heads' losses
+        (which skip NaN code entries) do not learn a velocity of 0 for those objects."""
+        boxes = self.boxes.copy()
+        boxes[~self.velocity_valid, 7:9] = np.nan
+        return boxes
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ class CameraDataset(Dataset[CameraSample]):
             images[f], lidar2img[f] = cams.images, cams.lidar2img
             prev2cur[f] = cur_inv @ frame.lidar2global
         gt = sample.gt
-        boxes = gt.boxes[gt.num_lidar_pts >= self.min_points]
+        boxes = gt.training_boxes()[gt.num_lidar_pts >= self.min_points]
         labels = gt.labels[gt.num_lidar_pts >= self.min_points]
         inside = self.grid.contains(boxes[:, :2])
         boxes, labels = boxes[inside].astype(np.float32), labels[inside].astype(np.int64)

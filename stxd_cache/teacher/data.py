@@ -72,7 +72,7 @@ class LidarDataset(Dataset[LidarSample]):
         points = load_sweeps(sample, num_sweeps=self.num_sweeps)
         gt = sample.gt
         keep = gt.num_lidar_pts >= self.min_points
-        boxes, labels = gt.boxes[keep].copy(), gt.labels[keep].copy()
+        boxes, labels = gt.training_boxes()[keep], gt.labels[keep].copy()
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])
             points, boxes = _augment(points, boxes, self.augment, rng)

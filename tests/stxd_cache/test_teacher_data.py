@@ -50,3 +50,22 @@ def test_augmentation_is_deterministic_per_epoch(train_index) -> None:
     b = ds[0].points.numpy()
     ds.set_epoch(1)
     assert np.array_equal(ds[0].points.numpy(), a) and not np.array_equal(a, b)
+
+
+def test_unknown_velocities_reach_the_loss_as_nan(train_index) -> None:
+    """An object whose velocity the devkit cannot estimate is a NaN target (skipped by the head's loss), not 0."""
+    import dataclasses
+
+
+    sample = train_index[1]
+    valid = sample.gt.velocity_valid.copy()
+    valid[0] = False
+    unknown = dataclasses.replace(sample, gt=dataclasses.replace(sample.gt, velocity_valid=valid))
+    item = LidarDataset([unknown], num_sweeps=1, point_range=RANGE, min_points=0)[0]
+    boxes = item.gt_boxes.numpy()
+    assert np.isnan(boxes[0, 7:9]).all() and np.isfinite(boxes[1:]).all() and np.isfinite(boxes[:, :7]).all()
+    assert np.array_equal(sample.gt.boxes[0, :7], boxes[0, :7])     # the stored GT itself is unchanged
+    assert np.isfinite(sample.gt.boxes).all()
+    augmented = LidarDataset([unknown], num_sweeps=1, point_range=RANGE, min_points=0,
+                             augment=AugmentConfig(rotation=0.5))[0].gt_boxes.numpy()
+    assert np.isnan(augmented[0, 7:9]).all() and np.isfinite(augmented[1:]).all()

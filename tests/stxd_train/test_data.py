@@ -130,3 +130,18 @@ def test_spawn_workers_give_the_same_batches(train_index, cache: Path) -> None:
     assert batch.tokens == local.tokens
     assert torch.equal(batch.images, local.images) and torch.equal(batch.lidar2img, local.lidar2img)
     assert torch.equal(batch.cache["tokens"], local.cache["tokens"])
+
+
+def test_unknown_velocities_are_nan_targets(train_index) -> None:
+    """The student learns no velocity for an object whose velocity the devkit cannot estimate."""
+    import dataclasses
+
+    sample = train_index[1]
+    valid = sample.gt.velocity_valid.copy()
+    valid[0] = False
+    unknown = dataclasses.replace(sample, gt=dataclasses.replace(sample.gt, velocity_valid=valid))
+    item = CameraDataset([unknown], image_size=(64, 32), grid=GRID)[0]
+    keep = (sample.gt.num_lidar_pts >= 1) & GRID.contains(sample.gt.boxes[:, :2])
+    assert keep[0] and keep.sum() > 1
+    boxes = item.gt_boxes.numpy()
+    assert np.isnan(boxes[0, 7:9]).all() and np.isfinite(boxes[1:]).all() and np.isfinite(boxes[:, :7]).all()
