@@ -54,6 +54,9 @@ NOTES_FILE = "distill_gain.json"
 TP_ERRORS = ("mATE", "mASE", "mAOE", "mAVE", "mAAE")
 #: Teacher fields that a finished teacher may differ in without being another teacher.
 TEACHER_BOOKKEEPING = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
+#: The benchmark teacher's schedule: 8 epochs of batch 2 over synth_bench's 600 synth_train keyframes (the demo
+#: teacher's 650 steps are 8 epochs of the demo's 160). About 55 minutes at the demo's 1.3 s per step on 2 cores.
+TEACHER_STEPS = 2400
 AGAIN = "run the same benchmarks/distill_gain.py command again: it resumes"
 
 
@@ -429,6 +432,8 @@ def _seeds(text: str) -> list[int]:
 @click.option("--steps", type=int, help="train.max_steps of every run [default: each student config's].")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i], passed to every command.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Student config override (repeatable).")
+@click.option("--teacher-steps", type=int, default=TEACHER_STEPS, show_default=True,
+              help="train.max_steps of the teacher (0: the teacher config's).")
 @click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
               help="Teacher config override, e.g. train.max_steps=100 (repeatable).")
 @click.option("--data-config", default="configs/data/synth_bench.yaml", show_default=True)
@@ -439,8 +444,9 @@ def _seeds(text: str) -> list[int]:
 @click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="all cores",
               help="Processes generating the dataset.")
 def main(work: str, results: str | None, eval_split: str, students: str, variants: str, seeds: str,
-         steps: int | None, device: str, overrides: tuple[str, ...], teacher_overrides: tuple[str, ...],
-         data_config: str, teacher_config: str, cache_config: str, student_configs: str, workers: int) -> None:
+         steps: int | None, device: str, overrides: tuple[str, ...], teacher_steps: int,
+         teacher_overrides: tuple[str, ...], data_config: str, teacher_config: str, cache_config: str,
+         student_configs: str, workers: int) -> None:
     """Train and score students x variants x seeds against one teacher cache; resumable."""
     from pipelines.paths import check_output_path
 
@@ -452,7 +458,9 @@ def main(work: str, results: str | None, eval_split: str, students: str, variant
         results_path.parent.mkdir(parents=True, exist_ok=True)
         protocol = Protocol(work=check_output_path(work, option="--work"), results=results_path,
                             eval_split=eval_split, device=device, data_config=data_config,
-                            teacher_config=teacher_config, teacher_overrides=teacher_overrides,
+                            teacher_config=teacher_config,
+                            teacher_overrides=(*([f"train.max_steps={teacher_steps}"] if teacher_steps else []),
+                                               *teacher_overrides),
                             cache_config=cache_config, workers=workers)
         protocol.work.mkdir(exist_ok=True)
         run_protocol(protocol, students=_names(students), variants=_names(variants),

@@ -47,7 +47,8 @@ def _tiny_configs(directory: Path) -> list[str]:
     students.mkdir()
     (students / "tiny_bevformer.yaml").write_text(yaml.safe_dump(tiny_student("bevformer")))
     return ["--data-config", str(directory / "data.yaml"), "--teacher-config", str(directory / "teacher.yaml"),
-            "--cache-config", str(cache_config_file(directory)), "--student-configs", str(students), "--workers", "2"]
+            "--teacher-steps", "0", "--cache-config", str(cache_config_file(directory)),
+            "--student-configs", str(students), "--workers", "2"]
 
 
 def _file_times(folder: Path) -> dict[str, int]:
