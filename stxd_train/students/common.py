@@ -39,14 +39,13 @@ class ImageEncoder(nn.Module):
     def __init__(self, *, backbone: ResNet, out_channels: int, levels: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.neck = FPN(in_channels=backbone.out_channels, out_channels=out_channels,
-                        num_outs=max(levels, len(backbone.out_channels)))
+        self.neck = FPN(in_channels=backbone.out_channels, out_channels=out_channels, num_outs=levels)
         self.levels = levels
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: (B, N, 3, H, W). Returns `levels` maps (B, N, C, H_l, W_l), finest first."""
         b, n = images.shape[:2]
-        feats = self.neck(self.backbone(images.flatten(0, 1)))[: self.levels]
+        feats = self.neck(self.backbone(images.flatten(0, 1)))
         return [f.unflatten(0, (b, n)) for f in feats]
 
 

@@ -34,6 +34,12 @@ class ImageBackboneConfig:
             (len(self.out_indices) >= 1 and all(0 <= i < self.num_stages for i in self.out_indices),
              "out_indices", self.out_indices, f"stage indices in 0..{self.num_stages - 1}"),
             (self.fpn_levels >= 1, "fpn_levels", self.fpn_levels, "at least 1"),
+            # A stage after the last one fed to the FPN would be computed and never read, and DDP refuses its
+            # parameters (they get no gradient).
+            (not self.out_indices or max(self.out_indices) == self.num_stages - 1, "num_stages", self.num_stages,
+             f"{max(self.out_indices, default=-1) + 1}, one past the last stage of out_indices "
+             f"{list(self.out_indices)} (a later stage would be computed and never read); lower num_stages or add "
+             f"the last stage to out_indices"),
         ])
 
 

@@ -29,8 +29,10 @@ class FPN(nn.Module):
     ----------
     in_channels : channels of each input level, finest first (e.g. `ResNet.out_channels`).
     out_channels : channels of every output level.
-    num_outs : output levels; more than `len(in_channels)` adds parameter-free stride-2 max pools of the
-        coarsest output. Default `len(in_channels)`.
+    num_outs : output levels, finest first. Fewer than `len(in_channels)` builds output convs for those levels
+        only: the coarser inputs still reach them through the top-down path, and no module computes a map that
+        nobody reads (DDP refuses parameters without gradient). More than `len(in_channels)` adds parameter-free
+        stride-2 max pools of the coarsest output. Default `len(in_channels)`.
     """
 
     def __init__(self, *, in_channels: Sequence[int], out_channels: int, num_outs: int | None = None) -> None:
@@ -40,12 +42,12 @@ class FPN(nn.Module):
             raise ValueError(f"FPN: found in_channels {self.in_channels} and out_channels {out_channels}, "
                              "expected at least one level and positive channel counts")
         self.num_outs = len(self.in_channels) if num_outs is None else num_outs
-        if self.num_outs < len(self.in_channels):
-            raise ValueError(f"FPN num_outs: found {self.num_outs}, expected >= {len(self.in_channels)} "
-                             f"(the number of input levels)")
+        if self.num_outs < 1:
+            raise ValueError(f"FPN num_outs: found {self.num_outs}, expected at least 1")
         self.out_channels = out_channels
         self.lateral_convs = nn.ModuleList(_ConvModule(c, out_channels, 1) for c in self.in_channels)
-        self.fpn_convs = nn.ModuleList(_ConvModule(out_channels, out_channels, 3) for _ in self.in_channels)
+        self.fpn_convs = nn.ModuleList(_ConvModule(out_channels, out_channels, 3)
+                                       for _ in range(min(self.num_outs, len(self.in_channels))))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
@@ -61,7 +63,7 @@ class FPN(nn.Module):
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
                                                               mode="nearest")
-        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals, strict=True)]
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals, strict=False)]
         while len(outs) < self.num_outs:
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         return outs

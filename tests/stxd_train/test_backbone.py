@@ -292,8 +292,31 @@ def test_fpn_gradient_reaches_every_input_and_backbone() -> None:
     assert all(p.grad is not None for p in fpn.parameters())
 
 
+def test_fpn_with_fewer_outputs_than_inputs_builds_only_what_is_read() -> None:
+    """One output from two stages (the synthetic students' layout): the coarse stage reaches it through the
+    top-down path, every parameter gets a gradient (DDP requires it), and no output conv of level 1 exists."""
+    backbone = ResNet(depth=18, num_stages=3, out_indices=(1, 2), base_channels=8)
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=16, num_outs=1)
+    assert len(fpn.fpn_convs) == 1 and len(fpn.lateral_convs) == 2
+    outs = fpn(backbone(torch.randn(2, 3, 32, 48)))
+    assert [tuple(o.shape) for o in outs] == [(2, 16, 4, 6)]
+    outs[0].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fpn.parameters())
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_a_stage_that_nothing_reads_is_a_config_error() -> None:
+    from pipelines.errors import ConfigError
+    from stxd_train.students.config import ImageBackboneConfig
+
+    ImageBackboneConfig(num_stages=3, out_indices=(1, 2))
+    with pytest.raises(ConfigError, match=r"`num_stages`: found 4, expected 3, one past the last stage of "
+                                          r"out_indices \[1, 2\]"):
+        ImageBackboneConfig(num_stages=4, out_indices=(1, 2))
+
+
 def test_fpn_rejects_mismatched_levels() -> None:
     with pytest.raises(ValueError, match="num_outs"):
-        FPN(in_channels=(8, 16), out_channels=4, num_outs=1)
+        FPN(in_channels=(8, 16), out_channels=4, num_outs=0)
     with pytest.raises(ValueError, match=r"expected \(8, 16\)"):
         FPN(in_channels=(8, 16), out_channels=4)([torch.randn(1, 8, 4, 4), torch.randn(1, 32, 2, 2)])
