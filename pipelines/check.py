@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
-from pipelines.nuscenes import TABLES, escapes_root
+from pipelines.nuscenes import SYNTH_STAMP, TABLES, escapes_root
 
 # (table, field, referenced table); '' is allowed for prev/next only.
 _FOREIGN_KEYS = (
@@ -113,6 +113,12 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True, 
             report.counts["splits"] = {k: len(v) for k, v in splits.items()}
         except (json.JSONDecodeError, AttributeError, TypeError) as exc:
             report.add(f"{splits_path} is not a mapping of split name to scene names: {exc}")
+    report.counts["split_samples"] = _split_samples(tables["scene"], table_dir)
+    if tables["scene"] and not report.counts["split_samples"]:
+        report.add(f"no split selects a sample of this root: none of its {len(tables['scene'])} scene names (e.g. "
+                   f"{tables['scene'][0].get('name')!r}) is in an official nuScenes split, and {splits_path} "
+                   f"{'names none of them' if splits_path.is_file() else 'does not exist'}; write a splits.json "
+                   "that maps split names to scene names")
 
     escaping = [sd for sd in tables["sample_data"] if escapes_root(str(sd.get("filename", "")))]
     for sd in escaping[:20]:
@@ -192,3 +198,19 @@ def _check_file(root: Path, sd: dict[str, Any], report: CheckReport) -> None:
         if size != expected:
             report.add(f"sample_data {sd.get('token')}: {path} is {size[0]}x{size[1]}, the table says "
                        f"{expected[0]}x{expected[1]}")
+
+
+def _split_samples(scenes: list[dict[str, Any]], table_dir: Path) -> dict[str, int]:
+    """{split: samples it selects} for the splits of `splits.json` and, unless the root is synthetic, the official
+    nuScenes splits; splits that select nothing are left out."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    per_scene = {s.get("name"): s.get("nbr_samples", 0) for s in scenes}
+    splits: dict[str, Any] = {} if (table_dir / SYNTH_STAMP).is_file() else dict(create_splits_scenes())
+    try:
+        custom = json.loads((table_dir / "splits.json").read_text()) if (table_dir / "splits.json").is_file() else {}
+        splits.update({k: v for k, v in custom.items() if isinstance(v, list)})
+    except (json.JSONDecodeError, AttributeError):
+        pass   # reported above
+    counts = {k: sum(per_scene.get(n, 0) for n in v if isinstance(n, str)) for k, v in splits.items()}
+    return {k: n for k, n in counts.items() if n}

@@ -46,12 +46,11 @@ def synth(out: str, config_path: str | None, scenes: int | None, samples_per_sce
 
     summary = generate(cfg, out, workers=workers, overwrite=overwrite, reuse=reuse, progress=progress)
     bar.close()
-    train, val = cfg.split_scenes
     verb = "kept" if summary.reused else "wrote"
     click.echo(f"{verb} {summary.root} ({summary.version}): {summary.scenes} scenes, {summary.samples} samples, "
                f"{summary.annotations} annotations, {summary.bytes_on_disk / 2**20:.1f} MiB in "
                f"{summary.seconds:.1f} s")
-    click.echo(f"splits: synth_train = {len(train)} scenes, synth_val = {len(val)} scenes")
+    click.echo("splits: " + ", ".join(f"{name} = {len(scenes)} scenes" for name, scenes in cfg.splits.items()))
 
 
 @main.command()
@@ -73,8 +72,9 @@ def check(dataroot: str, version: str, no_files: bool) -> None:
                    f"{counts.get('annotations', 0)} annotations of {counts.get('instances', 0)} instances")
         if "classes" in counts:
             click.echo("annotations per class: " + ", ".join(f"{k} {v}" for k, v in counts["classes"].items()))
-        if "splits" in counts:
-            click.echo("splits: " + ", ".join(f"{k} ({v} scenes)" for k, v in counts["splits"].items()))
+        if counts.get("split_samples"):
+            click.echo("splits with samples: " + ", ".join(f"{k} ({v} samples)"
+                                                           for k, v in counts["split_samples"].items()))
     if report.ok:
         click.echo("ok: the root is valid")
         return

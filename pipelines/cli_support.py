@@ -19,6 +19,12 @@ class StxdGroup(click.Group):
     every traceback through.
     """
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Every subcommand also takes `--debug`, so that it works before or after the subcommand's name."""
+        if not any(p.name == "debug" for p in cmd.params):
+            cmd.params.append(_debug_param())
+        super().add_command(cmd, name)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -62,12 +68,20 @@ def worker_message(exc: BaseException) -> tuple[str, str | None]:
     return lines[-1].strip(), match.group(1).removeprefix("in ")
 
 
+def _store_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    # The group's and the subcommand's contexts share one dict (`ensure_object` finds the group's); a flag left out
+    # on one of them never clears the other.
+    flags = ctx.ensure_object(dict)
+    flags["debug"] = flags.get("debug", False) or value
+    return value
+
+
+def _debug_param() -> click.Option:
+    return click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True, callback=_store_debug,
+                        help="Show full Python tracebacks instead of one-paragraph errors.")
+
+
 def debug_option(fn: Any) -> Any:
     """The `--debug` flag of a group: store it on the context for `StxdGroup.invoke`."""
-
-    def store(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-        ctx.ensure_object(dict)["debug"] = value
-        return value
-
-    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=store,
-                        help="Show full Python tracebacks instead of one-paragraph errors.")(fn)
+    fn.__click_params__ = [*getattr(fn, "__click_params__", []), _debug_param()]
+    return fn

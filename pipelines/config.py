@@ -120,6 +120,35 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def describe(obj: Any, prefix: str = "") -> list[str]:
+    """A config dataclass as one `dotted.field: value  # help` line per leaf field (nested configs expanded), the
+    values as YAML writes them inline, so that each line can be given back as `--set dotted.field=value`."""
+    import yaml
+
+    lines = []
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            lines += describe(value, f"{name}.")
+            continue
+        text = yaml.safe_dump(to_dict_value(value), default_flow_style=True, width=10**6).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        help_text = f.metadata.get("help")
+        lines.append(f"{name}: {text}" + (f"  # {help_text}" if help_text else ""))
+    return lines
+
+
+def to_dict_value(value: Any) -> Any:
+    """A config value as plain YAML data: dataclasses as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, tuple | list):
+        return [to_dict_value(x) for x in value]
+    if isinstance(value, dict):
+        return {k: to_dict_value(x) for k, x in value.items()}
+    return value
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A YAML-friendly dict of a config dataclass (tuples become lists)."""
 

@@ -85,6 +85,17 @@ def build_submission(index: SampleIndex, predictions: Mapping[str, Detections], 
     return {"meta": meta, "results": results}
 
 
+def require_annotations(nusc: NuScenes, split: str, *, advice: str = "") -> None:
+    """Refuse to score `split` when none of its samples has an annotation (nuScenes' test split): the devkit would
+    score an empty ground truth."""
+    scenes = set(split_scene_names(nusc, split))
+    samples = [s for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes]
+    if samples and not any(s["anns"] for s in samples):
+        raise DatasetError(f"split {split} of {nusc.dataroot} ({nusc.version}) has no annotations ({len(samples)} "
+                           f"samples, 0 annotations), so it cannot be scored"
+                           + (f"; {advice}" if advice else "; score a split with annotations"))
+
+
 def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: str, out_dir: str | Path,
              *, report: bool = False) -> dict[str, Any]:
     """Score a submission on `split` with the devkit's `DetectionEval` (nuScenes CVPR 2019 config).
@@ -102,7 +113,7 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split_scene_names(nusc, split)   # a clear error for an unknown split, before the devkit asserts
+    require_annotations(nusc, split)   # also a clear error for an unknown split, before the devkit asserts
     if isinstance(submission, Mapping):
         result_path = out / "submission.json"
         result_path.write_text(json.dumps(submission))

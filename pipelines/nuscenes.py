@@ -108,22 +108,63 @@ class SampleInfo:
         return self.ego2global @ self.lidar2ego
 
 
-def split_scene_names(nusc: NuScenes, split: str) -> list[str]:
-    """Scene names of a predefined nuScenes split or of a custom split in `<version>/splits.json`."""
+#: Table versions of the official nuScenes releases, whose scene names the predefined splits list.
+OFFICIAL_VERSIONS = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
+#: Written by `stxd-data synth` into the table folder of a synthetic root when it completes.
+SYNTH_STAMP = "synth_config.yaml"
+
+
+def _custom_splits(nusc: NuScenes) -> tuple[Path, dict[str, list[str]]]:
+    path = Path(nusc.dataroot) / nusc.version / "splits.json"
+    return path, (json.loads(path.read_text()) if path.is_file() else {})
+
+
+def is_synthetic(nusc: NuScenes) -> bool:
+    """Whether the root was written by `stxd-data synth` (its scenes are none of nuScenes')."""
+    return (Path(nusc.dataroot) / nusc.version / SYNTH_STAMP).is_file()
+
+
+def split_sample_counts(nusc: NuScenes) -> dict[str, int]:
+    """{split: keyframes of this root it selects} for every split that selects at least one: the splits of
+    `splits.json`, and the predefined nuScenes splits unless the root is synthetic."""
     from nuscenes.utils.splits import create_splits_scenes
 
+    per_scene = {s["name"]: s["nbr_samples"] for s in nusc.scene}
+    splits = {} if is_synthetic(nusc) else dict(create_splits_scenes())
+    splits.update(_custom_splits(nusc)[1])
+    counts = {name: sum(per_scene.get(scene, 0) for scene in scenes) for name, scenes in splits.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
+def describe_splits(nusc: NuScenes) -> str:
+    """The splits that select samples of this root with their sample counts, for error messages."""
+    counts = split_sample_counts(nusc)
+    if not counts:
+        return f"no split selects a sample of {nusc.dataroot} ({nusc.version})"
+    return "the splits with samples here are " + ", ".join(f"{k} ({n} samples)" for k, n in counts.items())
+
+
+def split_scene_names(nusc: NuScenes, split: str) -> list[str]:
+    """Scene names of a predefined nuScenes split or of a custom split in `<version>/splits.json`. An official
+    split name on a synthetic root is an error: its scenes are not nuScenes'."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    path, custom = _custom_splits(nusc)
+    if split in custom:
+        return list(custom[split])
     predefined = create_splits_scenes()
     if split in predefined:
+        if is_synthetic(nusc):
+            raise SplitError(f"split {split!r} is an official nuScenes split, but {nusc.dataroot} ({nusc.version}) "
+                             f"is a synthetic root written by `stxd-data synth`, whose scenes are not nuScenes' "
+                             f"(official splits hold the scenes of {', '.join(OFFICIAL_VERSIONS)}); "
+                             f"{describe_splits(nusc)}; pass one of these")
         return list(predefined[split])
-    path = Path(nusc.dataroot) / nusc.version / "splits.json"
-    custom: dict[str, list[str]] = json.loads(path.read_text()) if path.is_file() else {}
-    if split not in custom:
-        raise SplitError(
-            f"unknown split {split!r} for {nusc.dataroot} ({nusc.version}); the predefined splits are "
-            f"{', '.join(sorted(predefined))}" + (f" and {path} defines {', '.join(sorted(custom))}" if custom
-                                                  else f", and there is no custom split file {path}")
-            + "; pass one of these names")
-    return list(custom[split])
+    raise SplitError(
+        f"unknown split {split!r} for {nusc.dataroot} ({nusc.version}); the predefined splits are "
+        f"{', '.join(sorted(predefined))}" + (f" and {path} defines {', '.join(sorted(custom))}" if custom
+                                              else f", and there is no custom split file {path}")
+        + "; pass one of these names")
 
 
 def load_nuscenes(dataroot: str | Path, version: str) -> NuScenes:
@@ -219,8 +260,14 @@ class SampleIndex(Sequence[SampleInfo]):
             max_sweeps: earlier LiDAR frames listed per sample (sweeps and keyframes, as mmdet3d does).
         """
         scene_names: set[str] = set()
+        present = {s["name"] for s in nusc.scene}
         for split in splits:
-            scene_names.update(split_scene_names(nusc, split))
+            names = split_scene_names(nusc, split)
+            if not present.intersection(names):
+                why = f"none of its {len(names)} scenes is in this root" if names else "it names no scene"
+                raise SplitError(f"split {split!r} selects no sample of {nusc.dataroot} ({nusc.version}): {why}; "
+                                 f"{describe_splits(nusc)}; pass one of these")
+            scene_names.update(names)
         samples: list[SampleInfo] = []
         for scene in nusc.scene:
             if scene["name"] not in scene_names:

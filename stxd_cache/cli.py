@@ -41,7 +41,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     from stxd_cache.extract import ExtractConfig, ExtractJob
     from stxd_cache.extract import extract as run_extract
     from stxd_cache.store import is_complete
-    from stxd_cache.verify import cache_info
+    from stxd_cache.verify import box_line, cache_info
 
     if workers and scheduler:
         raise click.UsageError("pass either --workers or --scheduler, not both")
@@ -77,6 +77,7 @@ def extract(dataroot: str, version: str, splits: str, teacher_path: str, teacher
     click.echo(f"cache {out} complete: {meta.dataset.sample_count} samples ({extracted} extracted now in "
                f"{seconds:.1f} s), {info['bytes_per_sample'] / 2**20:.2f} MiB per sample, compression "
                f"x{info['compression_ratio']:.2f}")
+    click.echo(box_line(info["boxes_per_row"]))
 
 
 def _rows_done(path: str) -> str:
@@ -93,13 +94,16 @@ def _rows_done(path: str) -> str:
 
 @main.command()
 @click.argument("cache", type=click.Path())
-def info(cache: str) -> None:
-    """Print a cache's fingerprint, sizes and completeness."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print everything (fingerprint, layout, per-array sizes) as JSON.")
+def info(cache: str, as_json: bool) -> None:
+    """Print a cache's completeness, samples, size, compression and teacher boxes per row."""
     import json
 
-    from stxd_cache.verify import cache_info
+    from stxd_cache.verify import cache_info, info_summary
 
-    click.echo(json.dumps(cache_info(cache), indent=2, default=str))
+    found = cache_info(cache)
+    click.echo(json.dumps(found, indent=2, default=str) if as_json else "\n".join(info_summary(found)))
 
 
 @main.command()

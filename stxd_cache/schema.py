@@ -23,7 +23,10 @@ from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid
 from stxd_cache.errors import RecordError
 
-SCHEMA_VERSION = 2
+#: 3: `sample_token` is stored as bytes (uint8 rows), which every zarr v3 reader decodes (2 stored zarr strings).
+SCHEMA_VERSION = 3
+#: Bytes of a `sample_token` row: the ASCII token, zero-padded (nuScenes tokens have 32).
+TOKEN_BYTES = 64
 ATTRS_KEY = "stxd"
 #: Group attribute beside `stxd`: sha256 (hex) of the fingerprint the rows were written with (`fingerprint_digest`).
 FINGERPRINT_KEY = "stxd_fingerprint_sha256"
@@ -298,7 +301,7 @@ def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
     c, (h, w), t, m = meta.channels, meta.grid_shape, meta.num_tokens, meta.box_capacity
     int8 = meta.precision == "int8"
     specs = [
-        ArraySpec("sample_token", (), "str", "", ("sample",), "index"),
+        ArraySpec("sample_token", (TOKEN_BYTES,), "uint8", 0, ("sample", "byte"), "index"),
         ArraySpec("prev_index", (meta.k_max,), "int32", -1, ("sample", "past"), "index"),
         ArraySpec("bev", (c, h, w), "int8" if int8 else "float16", 0, ("sample", "channel", "y", "x"), "row"),
         ArraySpec("bev_scale", (c,), "float32", 0.0, ("sample", "channel"), "row"),
@@ -314,6 +317,28 @@ def array_specs(meta: CacheMeta) -> dict[str, ArraySpec]:
         ArraySpec("done", (), "bool", False, ("sample",), "unit"),
     ]
     return {s.name: s for s in specs if s.name not in _INT8_ONLY or int8}
+
+
+def encode_tokens(tokens: Sequence[str]) -> np.ndarray:
+    """(S, TOKEN_BYTES) uint8: each token's ASCII bytes, zero-padded. Raises ValueError naming a token that is not
+    ASCII, is longer than TOKEN_BYTES or holds a zero byte."""
+    out = np.zeros((len(tokens), TOKEN_BYTES), np.uint8)
+    for i, token in enumerate(tokens):
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"sample token {token!r} is not ASCII; the cache stores tokens as ASCII bytes") from None
+        zero = b"\0" in raw
+        if len(raw) > TOKEN_BYTES or zero:
+            raise ValueError(f"sample token {token!r} has {len(raw)} bytes{' with a zero byte' if zero else ''}; the "
+                             f"cache stores tokens of at most {TOKEN_BYTES} non-zero ASCII bytes")
+        out[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+    return out
+
+
+def decode_tokens(rows: np.ndarray) -> list[str]:
+    """The tokens of `sample_token` rows (S, TOKEN_BYTES) uint8, padding removed."""
+    return [bytes(row).rstrip(b"\0").decode("ascii", errors="replace") for row in np.asarray(rows, np.uint8)]
 
 
 def rows_per_file(spec: ArraySpec, rows_per_shard: int) -> int:

@@ -53,8 +53,10 @@ from stxd_cache.schema import (
     TeacherRecord,
     array_specs,
     decode_bev,
+    decode_tokens,
     digested_arrays,
     encode_record,
+    encode_tokens,
     fingerprint_differences,
     fingerprint_digest,
     prev_index_problems,
@@ -151,7 +153,7 @@ def _open_arrays(group: zarr.Group, meta: CacheMeta, path: str, *, lenient: bool
             raise CacheCorruptError(f"cache {path}: array `{name}` is missing; the store is damaged or was not "
                                     "created by stxd; delete it and re-extract") from None
         expected_shape = (n, *spec.row_shape)
-        dtype_ok = array.dtype.kind in "OTU" if spec.dtype == "str" else array.dtype == np.dtype(spec.dtype)
+        dtype_ok = array.dtype == np.dtype(spec.dtype)
         extent_ok = _s_extent(array) == rows_per_file(spec, r)
         if array.shape != expected_shape or not dtype_ok or not extent_ok:
             if lenient:
@@ -178,7 +180,7 @@ def _create_arrays(group: zarr.Group, meta: CacheMeta) -> None:
         along_s = rows_per_file(spec, r)
         sharded = spec.chunking == "row" and r > 1
         group.create_array(
-            name, shape=(n, *spec.row_shape), dtype=str if spec.dtype == "str" else spec.dtype,
+            name, shape=(n, *spec.row_shape), dtype=spec.dtype,
             chunks=(1 if spec.chunking == "row" else along_s, *row), shards=(along_s, *row) if sharded else None,
             compressors=_compressors(meta.layout.zstd_level), fill_value=spec.fill_value,
             dimension_names=spec.dims, overwrite=True,
@@ -310,7 +312,7 @@ class CacheWriter:
 def _reopen_writer(path: str) -> CacheWriter:
     group = _open_group(path, "r+")
     meta = _read_meta(group, path)
-    tokens = [str(t) for t in np.asarray(group["sample_token"][:])]
+    tokens = decode_tokens(group["sample_token"][:])
     writer = CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
     writer._check_writable()
     return writer
@@ -323,6 +325,7 @@ def _check_inputs(meta: CacheMeta, sample_tokens: Sequence[str], prev_index: np.
         raise ValueError(f"{len(tokens)} sample tokens given; expected dataset.sample_count = {n} from the meta")
     if len(set(tokens)) != n or not all(tokens):
         raise ValueError("sample tokens must be distinct and non-empty; got duplicates or empty strings")
+    encode_tokens(tokens)   # each one fits a `sample_token` row
     prev = np.asarray(prev_index)
     if prev.shape != (n, meta.k_max) or not np.issubdtype(prev.dtype, np.integer):
         raise ValueError(f"prev_index has shape {prev.shape} and dtype {prev.dtype}; expected ({n}, {meta.k_max}) "
@@ -374,7 +377,7 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
         for stale in set(group.array_keys()) - set(array_specs(meta)):
             del group[stale]
         _create_arrays(group, meta)
-        group["sample_token"][:] = np.asarray(tokens, dtype=object)
+        group["sample_token"][:] = encode_tokens(tokens)
         group["prev_index"][:] = prev
         group.attrs.put(_attributes(meta, **holder))
     return CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
@@ -463,7 +466,7 @@ def _resume(path: str, group: zarr.Group, meta: CacheMeta, tokens: list[str], pr
             raise LayoutMismatchError(f"cache {path} was created with {name} = {have}; resuming asked for {wanted}; "
                                       f"resume with {name} = {have} (or leave it unset), or extract into a new path")
     writer = CacheWriter(path=path, group=group, meta=stored, sample_tokens=tokens)
-    stored_tokens = [str(t) for t in np.asarray(writer._arrays["sample_token"][:])]
+    stored_tokens = decode_tokens(writer._arrays["sample_token"][:])
     if stored_tokens != tokens:
         row = next(i for i, (a, b) in enumerate(zip(stored_tokens, tokens, strict=True)) if a != b)
         raise FingerprintMismatchError(
@@ -489,7 +492,7 @@ class CacheReader:
         self.path = path
         self.meta = meta
         self._arrays = _open_arrays(group, meta, path)
-        self.tokens: list[str] = [str(t) for t in self._rows("sample_token", None)]
+        self.tokens: list[str] = decode_tokens(self._rows("sample_token", None))
         self._index = {t: i for i, t in enumerate(self.tokens)}
         self._prev = np.asarray(self._rows("prev_index", None))
         self._bound = fingerprint_digest(meta)
@@ -618,6 +621,10 @@ class CacheReader:
         if problems:
             raise CacheCorruptError(f"cache {self.path} is inconsistent: " + "; ".join(problems) + ". The store was "
                                     f"damaged or edited; run `stxd-cache verify {self.path}`, then re-extract it")
+
+    def box_counts(self) -> np.ndarray:
+        """(S,) int: the teacher boxes stored in each row (`box_count`)."""
+        return self._rows("box_count", None).astype(np.int64)
 
     def require_links(self, previous: dict[str, Sequence[str]]) -> None:
         """Each sample's past-frame links are the dataset's: `previous` maps a sample token to the tokens of its

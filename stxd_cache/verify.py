@@ -16,6 +16,7 @@ from zarr.core.sync import sync
 from stxd_cache.schema import (
     UNIT_ARRAYS,
     array_specs,
+    decode_tokens,
     digest_problems,
     prev_index_problems,
     row_problems,
@@ -82,8 +83,9 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
             problem(f"array `{name}` is missing or does not match the schema (shape, dtype or chunking)")
     tokens = [f"row {i}" for i in range(n)]
     if "sample_token" in arrays:
-        tokens = [str(t) if ok else f"row {i}" for i, (t, ok) in
-                  enumerate(zip(*_read_checked(arrays["sample_token"], range(n)), strict=True))]
+        rows, readable = _read_checked(arrays["sample_token"], range(n))
+        tokens = [t if ok else f"row {i}" for i, (t, ok) in enumerate(zip(decode_tokens(rows), readable,
+                                                                              strict=True))]
     done, done_ok = _read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
     for i in np.flatnonzero(~done_ok):
         problem(f"array `done` row {_row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
@@ -169,23 +171,49 @@ def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     done_count = reader.done_count
     arrays: dict[str, dict[str, Any]] = {}
     for name, array in reader._arrays.items():
-        if name == "sample_token":
-            logical = sum(len(t.encode()) for t in reader.tokens)
-        else:
-            rows = len(reader) if name == "prev_index" else done_count
-            logical = rows * math.prod(array.shape[1:]) * array.dtype.itemsize
+        rows = len(reader) if name in ("prev_index", "sample_token") else done_count
+        logical = rows * math.prod(array.shape[1:]) * array.dtype.itemsize
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "chunks": list(array.chunks),
                         "shards": list(array.shards) if array.shards else None,
                         "bytes_on_disk": int(array.nbytes_stored()), "uncompressed_bytes": int(logical)}
     on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) + int(sync(group.store_path.store.getsize("zarr.json")))
     uncompressed = sum(a["uncompressed_bytes"] for a in arrays.values())
+    counts = reader.box_counts()[reader._done]
+    boxes = None if not len(counts) else {
+        "mean": float(counts.mean()), "min": int(counts.min()), "max": int(counts.max()),
+        "rows_without_boxes": int((counts == 0).sum()), "capacity": meta.box_capacity}
     return {
         "path": path, "fingerprint": meta.fingerprint, "created": meta.created, "layout": meta.to_dict()["layout"],
+        "teacher": {"name": meta.teacher.name, "sha256": meta.teacher.sha256}, "precision": meta.precision,
         # `complete` is what the rows say; `finalized` is the flag, which finalize sets only once every row is done
         # (a store whose `done` rows were lost afterwards has it set and is not complete).
         "sample_count": len(reader), "done_count": done_count, "complete": meta.complete and done_count == len(reader),
         "finalized": meta.complete,
         "bytes_on_disk": on_disk, "bytes_per_sample": on_disk / done_count if done_count else None,
         "uncompressed_bytes": uncompressed, "compression_ratio": uncompressed / on_disk if on_disk else None,
-        "arrays": arrays,
+        "boxes_per_row": boxes, "arrays": arrays,
     }
+
+
+def box_line(boxes: dict[str, Any] | None) -> str:
+    """The teacher boxes per written row of `cache_info`, in one line."""
+    if boxes is None:
+        return "teacher boxes per row: no row written yet"
+    none = boxes["rows_without_boxes"]
+    return (f"teacher boxes per row: mean {boxes['mean']:.1f}, min {boxes['min']}, max {boxes['max']} (capacity "
+            f"{boxes['capacity']}); {none} row{'' if none == 1 else 's'} without a box")
+
+
+def info_summary(info: dict[str, Any]) -> list[str]:
+    """The few lines a user reads first from `cache_info`: completeness, samples, size, compression, boxes."""
+    state = "complete" if info["complete"] else "INCOMPLETE"
+    flag = "finalized" if info["finalized"] else "not finalized"
+    dataset = info["fingerprint"].get("dataset", {})
+    lines = [f"{info['path']}: {state}, {info['done_count']} of {info['sample_count']} rows written ({flag})",
+             f"samples: {info['sample_count']} of {dataset.get('version')} {', '.join(dataset.get('splits', []))}; "
+             f"teacher {info['teacher']['name']} (sha256 {info['teacher']['sha256'][:12]})"]
+    if info["bytes_per_sample"] is not None:
+        lines.append(f"size: {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, {info['bytes_per_sample'] / 2**20:.3f} "
+                     f"MiB per sample, compression x{info['compression_ratio']:.2f} ({info['precision']})")
+    lines.append(box_line(info["boxes_per_row"]))
+    return lines

@@ -46,13 +46,14 @@ def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: 
             device: str, run_eval: bool) -> None:
     """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`."""
     from stxd_train.engine import load_run_config
-    from stxd_train.teacher import TeacherRunConfig, evaluate_teacher, train_teacher
+    from stxd_train.scoring import evaluate_run
+    from stxd_train.teacher import TeacherRunConfig, train_teacher
 
     cfg = load_run_config(TeacherRunConfig, config_path, overrides, kind="teacher")
     path = train_teacher(cfg, dataroot=dataroot, version=version, out=out, resume=resume, device=device)
     click.echo(f"teacher written to {path}")
     if run_eval:
-        _print_metrics(evaluate_teacher(out, device=device))
+        _print_metrics(evaluate_run(out, device=device))
 
 
 @main.command()
@@ -72,7 +73,7 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
     """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
     from pipelines.config import load_config
     from stxd_train.engine import is_main_process, load_run_config
-    from stxd_train.fit import StudentRunConfig, evaluate_student
+    from stxd_train.fit import StudentRunConfig
     from stxd_train.fit import fit as fit_student
 
     cfg = load_run_config(StudentRunConfig, config_path, overrides, kind="student")
@@ -86,28 +87,65 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
     if is_main_process():
         click.echo(f"student written to {path}")
         if run_eval:
-            _print_metrics(evaluate_student(out, device=device))
+            from stxd_train.scoring import evaluate_run
+
+            _print_metrics(evaluate_run(out, device=device))
+
+
+@main.command(name="config")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Teacher or student run YAML (configs/teacher/*.yaml, configs/student/*.yaml, or RUN/config.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (a.b=c).")
+def config_(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved run config, one `field: value  # help` line per field, as `fit` or `teacher` would use
+    it; every line can be passed back as --set field=value."""
+    from pipelines.config import describe, read_yaml
+
+    data = read_yaml(config_path)
+    kind = data.get("kind") or ("student" if (data.get("model") or {}).get("name") in ("bevformer", "uvtr")
+                                else "teacher")
+    if kind == "student":
+        from stxd_train.fit import StudentRunConfig as RunConfig
+    else:
+        from stxd_train.teacher import TeacherRunConfig as RunConfig  # type: ignore[assignment]
+    from stxd_train.engine import load_run_config
+
+    cfg = load_run_config(RunConfig, config_path, overrides, kind=kind)
+    click.echo(f"# {kind} run config of {config_path}" + "".join(f" --set {o}" for o in overrides))
+    click.echo("\n".join(describe(cfg)))
 
 
 @main.command(name="eval")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--split", help="Split to score (default: the run's val split).")
+@click.option("--split", help="Split to score (default: the run's val split); it must have annotations.")
 @click.option("--dataroot", type=click.Path(), help="Dataset root (default: the one the run trained on).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 def eval_(run_dir: str, split: str | None, dataroot: str | None, device: str) -> None:
-    """Score a teacher or student run with the real nuScenes DetectionEval; writes RUN/metrics.json."""
-    from pipelines.config import read_yaml
-    from pipelines.errors import ConfigError
+    """Score a teacher or student run with the real nuScenes DetectionEval: RUN/eval/SPLIT/ (metrics.json,
+    summary.md, PR curves); scoring the run's val split also writes RUN/metrics.json, which compare reads."""
+    from stxd_train.scoring import evaluate_run
 
-    kind = read_yaml(f"{run_dir}/config.yaml").get("kind")
-    if kind == "teacher":
-        from stxd_train.teacher import evaluate_teacher as evaluate
-    elif kind == "student":
-        from stxd_train.fit import evaluate_student as evaluate
-    else:
-        raise ConfigError(f"{run_dir}/config.yaml: found kind {kind!r}, expected 'teacher' or 'student'; is "
-                          f"{run_dir} a folder written by `stxd-train teacher` or `stxd-train fit`?")
-    _print_metrics(evaluate(run_dir, split=split, device=device, dataroot=dataroot))
+    _print_metrics(evaluate_run(run_dir, split=split, device=device, dataroot=dataroot))
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--split", required=True, help="Split to predict, annotated or not (e.g. test).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Submission JSON to write.")
+@click.option("--dataroot", type=click.Path(), help="Dataset root (default: the one the run trained on).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+def predict(run_dir: str, split: str, out: str, dataroot: str | None, device: str) -> None:
+    """Write a teacher or student run's boxes on every sample of SPLIT as a nuScenes detection submission (the
+    format the evaluation server takes), without scoring it."""
+    from pipelines.paths import check_output_path
+    from stxd_train.scoring import predict as run_predict
+    from stxd_train.scoring import write_submission
+
+    path = check_output_path(out, option="--out")
+    found = run_predict(run_dir, split=split, device=device, dataroot=dataroot)
+    submission = write_submission(found, path)
+    boxes = sum(len(v) for v in submission["results"].values())
+    click.echo(f"{path}: {len(submission['results'])} samples of {split}, {boxes} boxes")
 
 
 @main.command()
@@ -148,11 +186,14 @@ def sweep(cache: str, grid_path: str, out: str, dataroot: str | None, version: s
                    "intervals (paired t over seeds, bootstrap over the evaluation frames). Variant of a run: the "
                    "parent folder's name for OUT/<variant>/seed<N>, else the run folder's name.")
 @click.option("--draws", default=1000, show_default=True, help="Frame resamples of the bootstrap (0: none).")
-def compare(runs: tuple[str, ...], reference: str | None, draws: int) -> None:
-    """Evaluated runs side by side: NDS, mAP, the TP errors, AP per class and the commit each was scored with."""
+@click.option("--split", help="Compare the runs' scores on this split (RUN/eval/SPLIT/) [default: RUN/metrics.json, "
+                              "the val split].")
+def compare(runs: tuple[str, ...], reference: str | None, draws: int, split: str | None) -> None:
+    """Evaluated runs side by side: NDS, mAP and the TP errors with each run's difference to the first, AP per class
+    and the commit each was scored with."""
     from stxd_train.sweep import compare_markdown
 
-    click.echo(compare_markdown(list(runs), reference=reference, draws=draws))
+    click.echo(compare_markdown(list(runs), reference=reference, draws=draws, split=split))
 
 
 @main.command()

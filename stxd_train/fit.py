@@ -7,18 +7,16 @@ A run folder holds `config.yaml` (the resolved run config, with the dataset and 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipelines.config import from_dict, read_yaml, require, to_dict
+from pipelines.config import from_dict, require, to_dict
 from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.data import CameraAugmentConfig, CameraBatch
@@ -192,6 +190,13 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
                             gt_iou="rd" in cfg.distill.terms, gt_match=cfg.distill.gt_match,
                             lidar=None if online is None else online.frames)
     dataset[0]   # an unreadable image of the first sample fails here, before any worker starts
+    if reader is not None and "rd" in cfg.distill.terms \
+            and not reader.box_counts()[[reader.index_of(s.token) for s in index]].any():
+        raise ConfigError(f"distill.terms has rd, but the cache {cache} holds no teacher box for any of the "
+                          f"{len(index)} training samples (`box_count` is 0 in every row), so RD would be 0 at every "
+                          f"step; its teacher decodes no object above its own decode.score_threshold: train the "
+                          f"teacher longer (`stxd-cache info {cache}` shows the boxes per row), or leave rd out of "
+                          "distill.terms")
     sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
                                rank=rank(), world_size=world_size(), tag_epoch=True)
     data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
@@ -315,40 +320,21 @@ def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, devic
             yield batch.tokens, student(batch)
 
 
-def evaluate_student(run: str | Path, *, split: str | None = None, device: str = "auto",
-                     dataroot: str | None = None, batch_size: int = 2) -> dict[str, Any]:
-    """Decode the student of run folder `run` on `split` and score it with the real DetectionEval; writes
-    `RUN/metrics.json`, `RUN/training_curves.png` and, under `RUN/eval/<split>/`, the submission, `summary.md`
-    and PR-curve PNGs."""
+def student_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str, device: str, *,
+                        batch_size: int = 2) -> tuple[Any, dict[str, Any]]:
+    """The student of run folder `run` (its `config.yaml` is `saved`) decoded on every sample of `split`: the
+    split's `SampleIndex` and {sample token: Detections} (`stxd_train.scoring.predict` calls this)."""
     from pipelines.device import resolve_device
-    from pipelines.evaluation import Detections, build_submission, evaluate
-    from pipelines.nuscenes import SampleIndex, load_nuscenes
-    from stxd_train.curves import plot_training_curves
-    from stxd_train.engine import atomic_write_text
+    from pipelines.evaluation import Detections
+    from pipelines.nuscenes import SampleIndex
 
-    run = Path(run)
-    saved = read_yaml(run / "config.yaml")
     cfg = run_config(saved, where=str(run / "config.yaml"))
     dev = resolve_device(device)
-    student = load_student(run / "student.pt", dev)
-    root = dataroot or saved["dataroot"]
-    split = split or cfg.data.val_split
-    nusc = load_nuscenes(root, saved["version"])
+    student = load_student(run / STUDENT_FILE, dev)
     index = SampleIndex.from_nuscenes(nusc, [split], k_prev=cfg.model.queue, max_sweeps=0)
-    predictions: dict[str, Detections] = {}
+    detections: dict[str, Detections] = {}
     for tokens, out in student_outputs(student, cfg, index, dev, batch_size=batch_size):
         for token, det in zip(tokens, student.decode(out), strict=True):
-            predictions[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
-                                            labels=det.labels.cpu().numpy())
-    submission = build_submission(index, predictions, use_camera=True)
-    metrics = evaluate(nusc, submission, split, run / "eval" / split, report=True)
-    metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
-    curves = plot_training_curves(run)
-    if curves is not None:
-        metrics["training_curves"] = str(curves)
-    seconds = run / "train_seconds.txt"
-    if seconds.is_file():
-        metrics["train_seconds"] = float(seconds.read_text())
-    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2),
-                      then=f"then score the run again with `stxd-train eval --run {run}`")
-    return metrics
+            detections[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
+                                           labels=det.labels.cpu().numpy())
+    return index, detections

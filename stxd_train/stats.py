@@ -138,7 +138,8 @@ def matches_path(run: Path) -> Path:
 
 def paired_comparison(rows: list[dict[str, Any]], *, reference: str, draws: int = 1000,
                       confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Every variant of `rows` (dicts with variant, seed, NDS, mAP, run) against `reference`, seed by seed.
+    """Every variant of `rows` (dicts with variant, seed, NDS, mAP, run, and optionally matches: the run's
+    `matches.npz`, else `matches_path(run)`) against `reference`, seed by seed.
 
     One entry per other variant: {"variant", "reference", "seeds": common seeds, and per metric of
     `PAIRED_METRICS` {"seeds" (those scored), "differences" (one per seed), "mean", "std", "n", "ci_low",
@@ -161,7 +162,7 @@ def paired_comparison(rows: list[dict[str, Any]], *, reference: str, draws: int 
 
     def scorer(row: dict[str, Any]) -> FrameScorer | None:
         if row["run"] not in scorers:
-            path = matches_path(Path(row["run"]))
+            path = Path(row["matches"]) if row.get("matches") else matches_path(Path(row["run"]))
             scorers[row["run"]] = FrameScorer(FrameMatches.load(path)) if path.is_file() else None
         return scorers[row["run"]]
 

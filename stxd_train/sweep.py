@@ -296,41 +296,54 @@ def results_markdown(rows: list[dict[str, Any]], *, early_steps: int = 10,
     return "\n".join(lines) + "\n"
 
 
-def compare_markdown(runs: list[str | Path], *, reference: str | None = None, draws: int = 1000) -> str:
-    """Evaluated runs side by side (`stxd-train compare`): headline metrics, AP per class and the commit each was
-    scored with; with `reference`, then the paired differences of every variant to it (`paired_comparison`).
+def compare_markdown(runs: list[str | Path], *, reference: str | None = None, draws: int = 1000,
+                     split: str | None = None) -> str:
+    """Evaluated runs side by side (`stxd-train compare`): headline metrics with each run's difference to the first
+    run, AP per class and the commit each was scored with; with `reference`, then the paired differences of every
+    variant to it (`paired_comparison`).
 
-    Each column is a run folder holding `metrics.json` (from `stxd-train eval`) and `config.yaml`. For the paired
-    view, runs are grouped into variants by `run_variant` and paired by their `train.seed`; `reference` is a
-    variant name or one of `runs`.
+    Each column is a run folder holding `metrics.json` (from `stxd-train eval`; with `split`, the split's
+    `eval/<split>/metrics.json`) and `config.yaml`, headed by the shortest name that tells the runs apart; the full
+    paths follow the table. For the paired view, runs are grouped into variants by `run_variant` and paired by their
+    `train.seed`; `reference` is a variant name or one of `runs`.
     """
     from pipelines.config import read_yaml
+    from pipelines.matches import MATCHES_FILE
 
     columns = []
     rows = []
     for run in map(Path, runs):
-        path = run / "metrics.json"
+        path = run / "metrics.json" if split is None else run / "eval" / split / "metrics.json"
         if not path.is_file():
-            raise ConfigError(f"{path} is missing: score the run first (stxd-train eval --run {run})")
+            score = f"stxd-train eval --run {run}" + ("" if split is None else f" --split {split}")
+            raise ConfigError(f"{path} is missing: score the run first ({score})")
         metrics = json.loads(path.read_text())
         config = read_yaml(run / "config.yaml")
         distill = config.get("distill") or {}
         terms = "+".join(t.upper() for t in distill.get("terms", [])) or "none"
-        columns.append((f"{run} (distill: {terms})", metrics))
+        columns.append((terms, metrics))
         rows.append({"variant": run_variant(run), "seed": (config.get("train") or {}).get("seed"),
-                     "NDS": metrics["NDS"], "mAP": metrics["mAP"], "run": str(run)})
+                     "NDS": metrics["NDS"], "mAP": metrics["mAP"], "run": str(run),
+                     "matches": None if split is None else path.parent / MATCHES_FILE})
     splits = {m["split"] for _, m in columns}
     if len(splits) > 1:
-        raise ConfigError(f"the runs were scored on different splits {sorted(splits)}; compare runs of one split")
-    lines = [f"| {splits.pop()} | " + " | ".join(name for name, _ in columns) + " |",
+        raise ConfigError(f"the runs were scored on different splits {sorted(splits)}; compare runs of one split "
+                          "(`--split` reads each run's scores of that split)")
+    names = short_names(runs)
+    lines = [f"| {splits.pop()} | " + " | ".join(f"{n} ({terms})" for n, (terms, _) in zip(names, columns,
+                                                                                            strict=True)) + " |",
              "|---|" + "---:|" * len(columns)]
+    first = columns[0][1]
     for key in ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE"):
-        lines.append(f"| {key} | " + " | ".join(f"{m[key]:.4f}" for _, m in columns) + " |")
+        cells = [f"{first[key]:.4f}"] + [f"{m[key]:.4f} ({m[key] - first[key]:+.4f})" for _, m in columns[1:]]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     classes = list(dict.fromkeys(c for _, m in columns for c in m.get("per_class_AP", {})))
     for name in classes:
         lines.append(f"| AP {name} | " + " | ".join(_num(m.get("per_class_AP", {}).get(name), 3)
                                                     for _, m in columns) + " |")
     lines.append("| commit | " + " | ".join(_commit(m.get("source")) for _, m in columns) + " |")
+    lines += ["", f"In brackets: the difference to {names[0]}. Runs: "
+              + "; ".join(f"{n} = {run}" for n, run in zip(names, runs, strict=True)) + "."]
     if reference is not None:
         unseeded = [row["run"] for row in rows if not isinstance(row["seed"], int)]
         if unseeded:
@@ -339,6 +352,17 @@ def compare_markdown(runs: list[str | Path], *, reference: str | None = None, dr
         variant = _reference_variant(reference, runs, rows)
         lines += ["", *paired_markdown(paired_comparison(rows, reference=variant, draws=draws))]
     return "\n".join(lines) + "\n"
+
+
+def short_names(runs: list[str | Path]) -> list[str]:
+    """The shortest trailing parts of the run paths that tell them apart: `bevformer` and `bevformer_stxd` for
+    out/demo/bevformer and out/demo/bevformer_stxd, `plain/seed0` and `stxd/seed0` for a sweep's runs."""
+    parts = [Path(r).resolve().parts for r in runs]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in runs]   # the same folder given twice
 
 
 def run_variant(run: str | Path) -> str:

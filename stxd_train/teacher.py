@@ -7,13 +7,11 @@ checkpoint that `stxd-cache extract --teacher` reads.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -128,35 +126,24 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     return path
 
 
-def evaluate_teacher(run: str | Path, *, split: str | None = None, device: str = "auto",
-                     dataroot: str | None = None) -> dict[str, Any]:
-    """Decode the teacher of run folder `run` on `split` and score it with the real DetectionEval."""
-    from pipelines.config import read_yaml
-    from pipelines.evaluation import Detections, build_submission, evaluate
-    from pipelines.nuscenes import SampleIndex, load_nuscenes
+def teacher_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str, device: str
+                        ) -> tuple[Any, dict[str, Any]]:
+    """The teacher of run folder `run` decoded on every sample of `split`: the split's `SampleIndex` and
+    {sample token: Detections} (`stxd_train.scoring.predict` calls this)."""
+    from pipelines.evaluation import Detections
+    from pipelines.nuscenes import SampleIndex
     from stxd_cache.teacher.checkpoint import load_teacher
-    from stxd_train.engine import atomic_write_text
 
-    run = Path(run)
-    saved = read_yaml(run / "config.yaml")
     dev = resolve_device(device)
     loaded = load_teacher(run / "teacher.pt", device=dev, written_by="`stxd-train teacher`")
     teacher = loaded.model.eval()
-    root = dataroot or saved["dataroot"]
-    split = split or saved["data"]["val_split"]
-    nusc = load_nuscenes(root, saved["version"])
     index = SampleIndex.from_nuscenes(nusc, [split], k_prev=0, max_sweeps=loaded.config.num_sweeps)
     dataset = LidarDataset(index, num_sweeps=loaded.config.num_sweeps, point_range=loaded.config.voxel.point_range)
-    predictions: dict[str, Detections] = {}
+    detections: dict[str, Detections] = {}
     with torch.inference_mode():
         for i in range(len(dataset)):
             item = dataset[i]
             det = teacher.decode(teacher([item.points.to(dev)]))[0]
-            predictions[item.token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
-                                                 labels=det.labels.cpu().numpy())
-    submission = build_submission(index, predictions, use_lidar=True)
-    metrics = evaluate(nusc, submission, split, run / "eval" / split)
-    metrics["boxes_per_sample"] = float(np.mean([len(p.scores) for p in predictions.values()]))
-    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2),
-                      then=f"then score the run again with `stxd-train eval --run {run}`")
-    return metrics
+            detections[item.token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
+                                                labels=det.labels.cpu().numpy())
+    return index, detections

@@ -4,6 +4,7 @@ helpers to run `stxd-cache extract` on them and to read or damage the stores it 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ TINY_TEACHER = {
     "decode": {"score_threshold": 0.05, "pre_max_per_task": 50, "post_max": 60, "nms": "circle",
                "nms_radius": NMS_RADIUS},
 }
+VERSION = "v1.0-synth"
 CACHE = ExtractConfig(grid_half_extent=25.6, grid_size=16, token_grid=4, k_max=2, box_capacity=40,
                       rows_per_shard=4, zstd_level=1)
 
@@ -66,10 +68,13 @@ def tiny_student(name: str, **model: object) -> dict:
     }
 
 
-def tiny_teacher_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An untrained tiny teacher whose head is perturbed so that its scores spread out, saved at `path`."""
+def tiny_teacher_checkpoint(path: Path, seed: int = 0, score_threshold: float | None = None) -> Path:
+    """An untrained tiny teacher whose head is perturbed so that its scores spread out, saved at `path`
+    (`score_threshold`: its decode threshold instead of TINY_TEACHER's)."""
     torch.manual_seed(seed)
-    cfg = from_dict(TeacherConfig, TINY_TEACHER)
+    raw = TINY_TEACHER if score_threshold is None else {
+        **TINY_TEACHER, "decode": {**TINY_TEACHER["decode"], "score_threshold": score_threshold}}
+    cfg = from_dict(TeacherConfig, raw)
     model = build_teacher(cfg, "cpu")
     with torch.no_grad():   # an untrained head would put every score at 0.1
         for p in model.head.parameters():
@@ -80,7 +85,7 @@ def tiny_teacher_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def extract_job(root: Path, ckpt: Path, out: Path, **cfg: object) -> ExtractJob:
     """Extraction of both tiny splits on the CPU with the `CACHE` config (fields overridden by `cfg`)."""
-    return ExtractJob(dataroot=str(root), version="v1.0-synth", splits=SPLITS, teacher_path=str(ckpt),
+    return ExtractJob(dataroot=str(root), version=VERSION, splits=SPLITS, teacher_path=str(ckpt),
                       teacher_config_path=None, trust_checkpoint=False, out=str(out), cfg=replace(CACHE, **cfg),
                       device="cpu")
 
@@ -94,7 +99,7 @@ def cache_config_file(directory: Path, **cfg: object) -> Path:
 
 def extract_args(root: Path, ckpt: Path, out: Path, config: Path, *extra: object) -> list[str]:
     """`stxd-cache` arguments that extract both tiny splits on the CPU with the cache YAML `config`, then `extra`."""
-    return ["extract", "--dataroot", str(root), "--version", "v1.0-synth", "--splits", ",".join(SPLITS),
+    return ["extract", "--dataroot", str(root), "--version", VERSION, "--splits", ",".join(SPLITS),
             "--teacher", str(ckpt), "--config", str(config), "--out", str(out), "--device", "cpu",
             *(str(e) for e in extra)]
 
@@ -145,3 +150,25 @@ def error_paragraph(stderr: str) -> str:
     paragraph = stderr[starts[0]:].strip()
     assert "\n\n" not in paragraph and "\r" not in paragraph
     return " ".join(paragraph.split()).removeprefix("error: ")
+
+
+def strip_annotations(root: Path, split: str, out: Path) -> Path:
+    """A copy of the dataset root at `out` (sensor folders linked, tables copied) whose `split` has no annotations,
+    as nuScenes' test split."""
+    import json
+
+    out.mkdir()
+    for entry in root.iterdir():
+        if entry.name != VERSION:
+            (out / entry.name).symlink_to(entry.resolve())
+    tables = out / VERSION
+    shutil.copytree(root / VERSION, tables)
+    scenes = set(json.loads((tables / "splits.json").read_text())[split])
+    scene_tokens = {s["token"] for s in json.loads((tables / "scene.json").read_text()) if s["name"] in scenes}
+    samples = {s["token"] for s in json.loads((tables / "sample.json").read_text())
+               if s["scene_token"] in scene_tokens}
+    anns = json.loads((tables / "sample_annotation.json").read_text())
+    kept = [a for a in anns if a["sample_token"] not in samples]
+    assert len(kept) < len(anns)
+    (tables / "sample_annotation.json").write_text(json.dumps(kept))
+    return out

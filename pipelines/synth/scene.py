@@ -23,6 +23,12 @@ BASE_TIMESTAMP = 1_700_000_000_000_000   # µs
 SCENE_SPACING_US = 1_000_000_000
 
 
+def scene_name(index: int) -> str:
+    """A synthetic scene's name: `synth-0000`, ..., never the name of a nuScenes scene (`scene-0001`, ...), so that
+    no official split selects it."""
+    return f"synth-{index:04d}"
+
+
 def token(seed: int, *parts: object) -> str:
     """A deterministic 32-hex token for a record."""
     return hashlib.md5("/".join(["stxd-synth", str(seed), *map(str, parts)]).encode()).hexdigest()
@@ -203,7 +209,7 @@ def simulate(cfg: SynthConfig, scene_idx: int, root: Path) -> dict[str, list[dic
     kinds = sorted({a.class_name for a in actors})
     out["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": n_key,
                          "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
-                         "name": f"scene-{scene_idx:04d}",
+                         "name": scene_name(scene_idx),
                          "description": f"synthetic road, {len(actors)} objects: {', '.join(kinds)}"})
     return out
 

@@ -20,13 +20,14 @@ import yaml
 from pipelines.classes import ATTRIBUTES, CATEGORY_TO_CLASS, VISIBILITY_LEVELS
 from pipelines.config import to_dict
 from pipelines.errors import DatasetError
-from pipelines.nuscenes import TABLES
+from pipelines.nuscenes import SYNTH_STAMP, TABLES
 from pipelines.paths import check_output_path
 from pipelines.synth import rig, scene
 from pipelines.synth.config import SynthConfig
 
 _OUTPUT_FOLDERS = ("samples", "sweeps", "maps")
-CONFIG_FILE = "synth_config.yaml"
+#: Written last into the table folder: its presence means the generation completed (and the root is synthetic).
+CONFIG_FILE = SYNTH_STAMP
 #: Written into the root before anything else: `--overwrite` removes only folders of a root that carries it.
 OWNER_FILE = ".stxd-synth"
 
@@ -111,7 +112,7 @@ def generate(cfg: SynthConfig, out: str | Path, *, workers: int | None = None, o
     for name in TABLES:
         with open(table_dir / f"{name}.json", "w") as f:
             json.dump(tables[name], f, indent=0)
-    splits = {name: [f"scene-{i:04d}" for i in scenes] for name, scenes in cfg.splits.items()}
+    splits = {name: [scene.scene_name(i) for i in scenes] for name, scenes in cfg.splits.items()}
     with open(table_dir / "splits.json", "w") as f:
         json.dump(splits, f, indent=1)
     stamp.write_text(yaml.safe_dump(_stamp_record(cfg)))

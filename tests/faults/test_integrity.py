@@ -305,7 +305,9 @@ def test_a_lock_on_a_store_names_this_host(tmp_path: Path) -> None:
 def test_info_reports_completeness_from_the_rows(cache: Path, tmp_path: Path) -> None:
     copy = _copy(cache, tmp_path)
     zarr.open_group(str(copy), mode="r+")["done"][8:] = False   # a finalised store that lost its last unit's flags
-    result = CliRunner().invoke(cache_main, ["info", str(copy)])
+    result = CliRunner().invoke(cache_main, ["info", str(copy), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert (info["done_count"], info["sample_count"], info["complete"], info["finalized"]) == (8, 12, False, True)
+    summary = CliRunner().invoke(cache_main, ["info", str(copy)]).stdout.splitlines()
+    assert summary[0] == f"{copy}: INCOMPLETE, 8 of 12 rows written (finalized)"

@@ -185,7 +185,7 @@ def test_synth_test_split_is_written_and_indexed(tmp_path: Path) -> None:
                       val_fraction=0.34, test_fraction=0.34)
     generate(cfg, tmp_path, workers=1)
     splits = json.loads((tmp_path / "v1.0-synth" / "splits.json").read_text())
-    assert splits == {"synth_train": ["scene-0000"], "synth_val": ["scene-0001"], "synth_test": ["scene-0002"]}
+    assert splits == {"synth_train": ["synth-0000"], "synth_val": ["synth-0001"], "synth_test": ["synth-0002"]}
     tokens = {}
     for name in splits:
         index = SampleIndex.load(tmp_path, "v1.0-synth", [name])
@@ -213,7 +213,7 @@ def test_without_test_fraction_the_split_file_and_stamp_are_unchanged(tmp_path: 
     cfg = SynthConfig(scenes=2, samples_per_scene=2, image_size=(32, 18), sweeps=0, azimuth_steps=128)
     generate(cfg, tmp_path, workers=1)
     table_dir = tmp_path / "v1.0-synth"
-    expected_splits = {"synth_train": ["scene-0000"], "synth_val": ["scene-0001"]}
+    expected_splits = {"synth_train": ["synth-0000"], "synth_val": ["synth-0001"]}
     assert (table_dir / "splits.json").read_text() == json.dumps(expected_splits, indent=1)
     before = {k: v for k, v in to_dict(cfg).items() if k != "test_fraction"}
     assert (table_dir / "synth_config.yaml").read_text() == yaml.safe_dump(before)

@@ -4,7 +4,9 @@ tests/faults/test_cache_faults.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -144,7 +146,8 @@ def test_no_samples_in_splits(synth_root: Path, teacher_ckpt: Path, tmp_path: Pa
     splits = json.loads((root / "v1.0-synth" / "splits.json").read_text())
     (root / "v1.0-synth" / "splits.json").write_text(json.dumps({**splits, "empty": []}))
     job = replace(_job(root, teacher_ckpt, tmp_path / "x.zarr"), splits=("empty",))
-    with pytest.raises(DatasetError, match="no samples"):
+    with pytest.raises(DatasetError, match="split 'empty' selects no sample of .*: it names no scene; the splits "
+                                           r"with samples here are synth_train \(8 samples\), synth_val \(4 samples\)"):
         extract(job)
 
 
@@ -152,7 +155,19 @@ def test_cli_info_verify_and_show(cache: Path, synth_root: Path, tmp_path: Path)
     copy = tmp_path / "copy.zarr"
     shutil.copytree(cache, copy)
     info = subprocess.run([BIN / "stxd-cache", "info", str(copy)], capture_output=True, text=True, check=True)
-    assert '"complete": true' in info.stdout
+    counts = open_cache(copy).box_counts()
+    lines = info.stdout.splitlines()
+    assert lines[0] == f"{copy}: complete, 12 of 12 rows written (finalized)"
+    teacher = open_cache(copy).meta.teacher
+    assert lines[1] == (f"samples: 12 of v1.0-synth synth_train, synth_val; teacher {teacher.name} (sha256 "
+                        f"{teacher.sha256[:12]})")
+    assert re.fullmatch(r"size: [\d.]+ MiB on disk, [\d.]+ MiB per sample, compression x[\d.]+ \(fp16\)", lines[2])
+    none = int((counts == 0).sum())
+    assert lines[3] == (f"teacher boxes per row: mean {counts.mean():.1f}, min {counts.min()}, max {counts.max()} "
+                        f"(capacity 40); {none} row{'' if none == 1 else 's'} without a box")
+    full = json.loads(subprocess.run([BIN / "stxd-cache", "info", str(copy), "--json"], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert full["complete"] and full["boxes_per_row"]["max"] == counts.max() and "arrays" in full
     ok = subprocess.run([BIN / "stxd-cache", "verify", str(copy), "--dataroot", str(synth_root)],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

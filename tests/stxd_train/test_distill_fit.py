@@ -107,6 +107,29 @@ def test_distill_config_is_checked_against_the_cache(cache: Path, tmp_path: Path
             device="cpu")
 
 
+def test_rd_on_a_cache_without_teacher_boxes_is_refused(tmp_path: Path, synth_root: Path) -> None:
+    """A teacher that decodes nothing leaves RD at 0 for every step: fit refuses it before training."""
+    from stxd_cache.extract import extract
+    from tiny import extract_job, tiny_teacher_checkpoint
+
+    teacher = tiny_teacher_checkpoint(tmp_path / "teacher.pt", score_threshold=0.999)
+    empty = tmp_path / "empty.zarr"
+    extract(extract_job(synth_root, teacher, empty))
+    assert not open_cache(empty).box_counts().any()
+    raw = tiny_student("bevformer")
+    raw["distill"] = ALL_TERMS
+    with pytest.raises(ConfigError) as caught:
+        fit(from_dict(StudentRunConfig, raw), dataroot=str(synth_root), version="v1.0-synth", out=tmp_path / "r",
+            cache=str(empty), device="cpu")
+    assert str(caught.value).startswith(f"distill.terms has rd, but the cache {empty} holds no teacher box for any "
+                                        "of the 8 training samples")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    raw["distill"] = {**ALL_TERMS, "terms": ["cd", "td"]}
+    raw["train"]["max_steps"] = 1
+    fit(from_dict(StudentRunConfig, raw), dataroot=str(synth_root), version="v1.0-synth", out=tmp_path / "r2",
+        cache=str(empty), device="cpu")
+
+
 def test_rd_alone_has_no_adapter(cache: Path) -> None:
     model = _distiller(cache, terms=["rd"])
     assert model.adapter is None
@@ -160,8 +183,11 @@ def test_sweep_of_two_variants_in_parallel_reads_one_cache(tmp_path: Path, synth
     # The two runs side by side, and the d_eff of the teacher and of the distilled student's adapted BEV.
     runs = [tmp_path / "sweep" / "baseline" / "seed0", tmp_path / "sweep" / "stxd" / "seed0"]
     side = compare_markdown(runs).splitlines()
-    assert side[0].endswith("seed0 (distill: none) | " + f"{runs[1]} (distill: CD+TD+RD) |")
-    assert side[2] == f"| NDS | {rows[0]['NDS']:.4f} | {rows[1]['NDS']:.4f} |"
+    assert side[0] == "| synth_val | baseline/seed0 (none) | stxd/seed0 (CD+TD+RD) |"
+    delta = rows[1]["NDS"] - rows[0]["NDS"]
+    assert side[2] == f"| NDS | {rows[0]['NDS']:.4f} | {rows[1]['NDS']:.4f} ({delta:+.4f}) |"
+    assert side[-1] == f"In brackets: the difference to baseline/seed0. Runs: baseline/seed0 = {runs[0]}; " \
+                       f"stxd/seed0 = {runs[1]}."
     table = diagnose(cache, runs=runs[1:], split="synth_val", device="cpu")
     channels = open_cache(cache).meta.channels
     assert [r["channels"] for r in (table[0], table[2])] == [channels, channels] and len(table) == 3

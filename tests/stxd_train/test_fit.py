@@ -18,7 +18,7 @@ from pipelines.config import from_dict
 from pipelines.errors import ConfigError
 from stxd_train.cli import main
 from stxd_train.fit import StudentRunConfig, fit
-from tiny import cli_error, tiny_student
+from tiny import cli_error, strip_annotations, tiny_student
 
 VERSION = "v1.0-synth"
 
@@ -60,6 +60,42 @@ def test_fit_then_eval_writes_a_complete_run(tmp_path: Path, synth_root: Path, c
     assert (report / "summary.md").is_file() and (report / "submission.json").is_file()
     plots = [*(report / "plots").glob("*.png"), run / "training_curves.png"]
     assert len(plots) == 16 and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+    # The scores are in TensorBoard at the last step, beside the losses.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    [logged] = events.Scalars("eval/synth_val/NDS")
+    assert logged.step == 4 and logged.value == pytest.approx(metrics["NDS"])
+    assert "loss/total" in events.Tags()["scalars"]
+
+    # Another split's scores go to its own folder; RUN/metrics.json stays the val split's.
+    headline = (run / "metrics.json").read_bytes()
+    assert "synth_train: NDS" in _invoke("eval", "--run", run, "--split", "synth_train", "--device", "cpu")
+    assert (run / "metrics.json").read_bytes() == headline
+    train_metrics = json.loads((run / "eval" / "synth_train" / "metrics.json").read_text())
+    assert train_metrics["split"] == "synth_train" and train_metrics["samples"] == 8
+    assert json.loads((report / "metrics.json").read_text())["NDS"] == metrics["NDS"]
+    side = _invoke("compare", "--run", run, "--split", "synth_train", "--draws", "0").splitlines()
+    assert side[0] == "| synth_train | run (none) |" and side[2] == f"| NDS | {train_metrics['NDS']:.4f} |"
+
+    # A split without annotations (as nuScenes' test split) is predicted, never scored.
+    stripped = strip_annotations(synth_root, "synth_val", tmp_path / "test_root")
+    message = cli_error(main, "eval", "--run", run, "--split", "synth_val", "--dataroot", stripped,
+                        "--device", "cpu")
+    assert message.startswith(f"split synth_val of {stripped} ({VERSION}) has no annotations (4 samples, "
+                              "0 annotations), so it cannot be scored;")
+    assert f"stxd-train predict --run {run} --split synth_val" in message
+    assert (run / "metrics.json").read_bytes() == headline
+    out = _invoke("predict", "--run", run, "--split", "synth_val", "--dataroot", stripped, "--device", "cpu",
+                  "--out", tmp_path / "results.json")
+    submission = json.loads((tmp_path / "results.json").read_text())
+    assert submission["meta"]["use_camera"] and not submission["meta"]["use_lidar"]
+    expected = json.loads((report / "submission.json").read_text())["results"]
+    assert submission["results"] == expected     # the same boxes as the scored run, annotations or not
+    boxes = sum(len(v) for v in expected.values())
+    assert boxes > 0 and out.strip().endswith(f"4 samples of synth_val, {boxes} boxes")
 
 
 def test_resume_checks_the_config(tmp_path: Path, synth_root: Path) -> None:

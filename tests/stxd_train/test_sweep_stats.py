@@ -288,3 +288,11 @@ def test_sweep_with_a_reference_tables_paired_differences(tmp_path: Path, synth_
     log = (out / "stxd" / "seed1" / "sweep.log").read_text()
     assert [line.split()[4] for line in log.splitlines() if line.startswith("$ ")] == ["fit", "eval", "eval"]
     assert json.loads((out / "results.json").read_text())["paired"] == results["paired"]
+
+
+def test_short_names_tell_runs_apart() -> None:
+    from stxd_train.sweep import short_names
+
+    assert short_names(["out/demo/bevformer", "out/demo/bevformer_stxd"]) == ["bevformer", "bevformer_stxd"]
+    assert short_names(["s/plain/seed0", "s/stxd/seed0", "s/stxd/seed1"]) == ["plain/seed0", "stxd/seed0", "stxd/seed1"]
+    assert short_names(["a/x/run", "b/x/run"]) == ["a/x/run", "b/x/run"]

@@ -57,6 +57,13 @@ def test_train_resume_and_evaluate(synth_root: Path, tmp_path: Path) -> None:
                                capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"NDS {metrics['NDS']:.4f}" in evaluated.stdout   # the same teacher scores the same
+    # A teacher run gets what a student run gets: the summary, PR curves and training curves.
+    report = run / "eval" / "synth_val"
+    assert "NDS" in (report / "summary.md").read_text()
+    plots = [*(report / "plots").glob("*.png"), run / "training_curves.png"]
+    assert len(plots) == 16 and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+    submission = json.loads((report / "submission.json").read_text())
+    assert submission["meta"]["use_lidar"] and not submission["meta"]["use_camera"]
 
 
 def test_the_resume_advice_works_when_followed(synth_root: Path, tmp_path: Path) -> None:
