@@ -202,6 +202,15 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
                       worker_init_fn=seed_worker, generator=loader_generator(tc.seed), persistent_workers=False)
     student = build_student(mc)
+    if mc.load_from and not resume:   # a resumed run restores its own weights from the checkpoint
+        from stxd_train.students.pretrained import load_from
+
+        report = load_from(student, mc.load_from, strict=mc.load_from_strict)
+        if is_main_process():
+            text = "\n".join(report.lines())
+            print(text, flush=True)
+            out.mkdir(exist_ok=True)
+            atomic_write_text(out / "load_from.txt", text + "\n")
     model = _training_model(cfg, student, reader, online).to(dev)
     if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -108,6 +108,11 @@ class StudentConfig:
     target: TargetConfig = field(default_factory=TargetConfig, metadata={"help": "training targets"})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "detection loss weights"})
     decode: DecodeConfig = field(default_factory=DecodeConfig, metadata={"help": "box decoding and NMS"})
+    load_from: str | None = field(default=None, metadata={
+        "help": "checkpoint that initialises the whole student before training: a stxd student.pt, an "
+                "mmdetection3d detector (img_backbone/backbone, img_neck/neck) or a torchvision ResNet"})
+    load_from_strict: bool = field(default=True, metadata={
+        "help": "refuse a load_from file with tensors this student cannot use (false: skip and report them)"})
 
     def __post_init__(self) -> None:
         from stxd_train.students.registry import STUDENTS
