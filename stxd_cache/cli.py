@@ -154,6 +154,8 @@ def verify(cache: str, dataroot: str | None, version: str | None) -> None:
 @click.option("--min-score", default=0.3, show_default=True, help="Teacher boxes drawn above this score.")
 def show(cache: str, token: str, out: str, dataroot: str | None, version: str | None, min_score: float) -> None:
     """Render the teacher BEV (PCA to RGB) with its boxes, and the GT outlines when --dataroot is given."""
+    import os
+
     from pipelines.paths import check_output_path
     from stxd_cache.render import render_record
     from stxd_cache.store import open_cache
@@ -161,13 +163,17 @@ def show(cache: str, token: str, out: str, dataroot: str | None, version: str | 
     check_output_path(out, inputs={"the cache": cache, "--dataroot": dataroot})
     reader = open_cache(cache)
     record = reader.read(reader.index_of(token))
-    gt = None
+    gt = forward = None
     if dataroot:
         from pipelines.nuscenes import SampleIndex
+        from pipelines.render import ego_forward
 
         index = SampleIndex.load(dataroot, version or reader.meta.dataset.version, reader.meta.dataset.splits)
-        gt = index.get(token).gt.boxes
-    render_record(record, reader.meta.grid, out, gt_boxes=gt, min_score=min_score)
+        gt, forward = index.get(token).gt.boxes, ego_forward(index.get(token).lidar2ego)
+    name = os.path.basename(os.path.normpath(cache))
+    render_record(record, reader.meta.grid, out, gt_boxes=gt, min_score=min_score, forward=forward,
+                  title=f"{name} row {reader.index_of(token)}: sample {token}, {int(record.count)} cached teacher "
+                        "boxes")
     click.echo(f"wrote {out}")
 
 

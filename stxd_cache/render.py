@@ -6,9 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from pipelines.boxes import box_corners_bev
 from pipelines.grid import BEVGrid
 
 
@@ -27,25 +25,31 @@ def pca_rgb(bev: np.ndarray) -> np.ndarray:
 
 
 def render_record(record: Any, grid: BEVGrid, out: str | Path, *, gt_boxes: np.ndarray | None = None,
-                  min_score: float = 0.3, scale: int = 6) -> None:
-    """Write a PNG of one cache record (`CacheRecord`) on its grid, +y up; GT white, teacher red."""
-    image = Image.fromarray(pca_rgb(record.bev)).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                                        Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(image)
+                  min_score: float = 0.3, title: str = "", forward: float | None = None) -> str:
+    """Write a PNG of one cache record (`CacheRecord`) on its grid: the BEV as PCA colours in metres (+x right, +y
+    up) with the ego, a scale bar, the GT (white) and the teacher boxes scoring at least `min_score` (red); says
+    so in the picture when the row holds no such box, and returns that note ("" when boxes are drawn)."""
+    import matplotlib
 
-    def to_px(xy: np.ndarray) -> list[tuple[float, float]]:
-        col_row = grid.world_to_cell(xy)
-        return [((c + 0.5) * scale, (grid.shape[0] - 0.5 - r) * scale) for c, r in col_row]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    if gt_boxes is not None and len(gt_boxes):
-        for corners in box_corners_bev(gt_boxes):
-            draw.polygon(to_px(corners), outline=(255, 255, 255))
+    from pipelines.render import GT_COLOUR, bev_panel, save_figure
+
     count = int(record.count)
-    keep = record.scores[:count] >= min_score
-    for box in record.boxes[:count][keep]:
-        corners = box_corners_bev(box[None])[0]
-        draw.polygon(to_px(corners), outline=(255, 40, 40))
-        front = to_px(corners[:2].mean(axis=0, keepdims=True))[0]
-        centre = to_px(box[None, :2])[0]
-        draw.line([centre, front], fill=(255, 40, 40))
-    image.save(out)
+    scores = np.asarray(record.scores[:count])
+    keep = scores >= min_score
+    note = ""
+    if count == 0:
+        note = "no teacher box in this row"
+    elif not keep.any():
+        note = f"no teacher box scores >= {min_score:g} (best {scores.max():.2f})"
+    groups = [(np.asarray(record.boxes[:count])[keep], "red", f"teacher (score >= {min_score:g}): {int(keep.sum())}")]
+    if gt_boxes is not None:
+        groups.insert(0, (np.asarray(gt_boxes), GT_COLOUR, f"GT: {len(gt_boxes)}"))
+    fig, ax = plt.subplots(figsize=(8, 8))
+    extent = (*grid.x_range, *grid.y_range)
+    bev_panel(ax, extent=extent, boxes=groups, background=pca_rgb(record.bev), note=note, forward=forward,
+              title=title or f"teacher BEV (PCA of {record.bev.shape[0]} channels), {count} cached boxes")
+    save_figure(fig, out)
+    return note

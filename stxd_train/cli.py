@@ -149,6 +149,25 @@ def predict(run_dir: str, split: str, out: str, dataroot: str | None, device: st
 
 
 @main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Student or teacher run.")
+@click.option("--sample", "token", required=True, help="Sample token (of the run's val or training splits).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--dataroot", type=click.Path(), help="Dataset root (default: the one the run trained on).")
+@click.option("--min-score", default=0.3, show_default=True, help="Boxes drawn from this score up.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+def show(run_dir: str, token: str, out: str, dataroot: str | None, min_score: float, device: str) -> None:
+    """Draw a run's boxes (red) and the GT (white) on the six camera images and in a BEV panel with the ego, axes
+    in metres and a scale bar."""
+    from pipelines.paths import check_output_path
+    from stxd_train.show import show_run
+
+    path = check_output_path(out, option="--out", inputs={"--run": run_dir, "--dataroot": dataroot})
+    counts = show_run(run_dir, token, path, dataroot=dataroot, min_score=min_score, device=device)
+    click.echo(f"wrote {path}: {counts['predicted']} boxes scoring >= {min_score:g} and {counts['gt']} GT boxes; "
+               f"{counts['boxes_in_cameras']} boxes seen by a camera")
+
+
+@main.command()
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache every run trains against.")
 @click.option("--grid", "grid_path", required=True, type=click.Path(dir_okay=False),
               help="Sweep YAML, e.g. configs/sweeps/ablation_synth.yaml.")

@@ -7,6 +7,7 @@ A run folder holds `config.yaml` (the resolved run config, with the dataset and 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -278,11 +279,12 @@ def load_student(path: str | Path, device: torch.device) -> nn.Module:
                               f"and adapter. {redo}")
     cfg = from_dict(StudentConfig, saved["config"], where=f"{path} config")
     student = build_student(cfg)
-    problems = state_dict_problems(student, saved["state_dict"])
+    state = unused_fpn_outputs_dropped(saved["state_dict"], len(student.image_encoder.neck.fpn_convs))
+    problems = state_dict_problems(student, state)
     if problems:
         raise CheckpointError(f"student file {path}: its weights do not fit the {cfg.name} student its "
                               f"config describes ({problems}). {redo}")
-    student.load_state_dict(saved["state_dict"])
+    student.load_state_dict(state)
     student.adapter = None
     if saved.get("adapter") is not None:
         from stxd_train.distiller import adapter_from_state
@@ -293,6 +295,13 @@ def load_student(path: str | Path, device: torch.device) -> nn.Module:
             raise CheckpointError(f"student file {path}: its distillation adapter cannot be rebuilt ({exc}). "
                                   f"{redo}") from None
     return student.to(device).eval()
+
+
+def unused_fpn_outputs_dropped(state: dict[str, Any], levels: int) -> dict[str, Any]:
+    """`state` without the FPN output convs of levels >= `levels`: students saved before the FPN built only the
+    levels the view transform reads carry such convs, whose outputs nothing read, so dropping them is exact."""
+    pattern = re.compile(r"image_encoder\.neck\.fpn_convs\.(\d+)\.")
+    return {k: v for k, v in state.items() if not ((m := pattern.match(k)) and int(m.group(1)) >= levels)}
 
 
 def state_dict_problems(model: nn.Module, state: dict[str, Any], *, shown: int = 3) -> str:

@@ -61,6 +61,18 @@ def test_fit_then_eval_writes_a_complete_run(tmp_path: Path, synth_root: Path, c
     plots = [*(report / "plots").glob("*.png"), run / "training_curves.png"]
     assert len(plots) == 16 and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
 
+    # The student's boxes and the GT on the cameras and in BEV.
+    from pipelines.nuscenes import SampleIndex
+
+    sample = SampleIndex.load(synth_root, VERSION, ["synth_val"])[1]
+    shown = _invoke("show", "--run", run, "--sample", sample.token, "--out", tmp_path / "show.png",
+                    "--min-score", "0.2", "--device", "cpu")
+    predictions = json.loads((report / "submission.json").read_text())["results"][sample.token]
+    drawn = sum(p["detection_score"] >= 0.2 for p in predictions)
+    assert shown.strip().startswith(f"wrote {tmp_path / 'show.png'}: {drawn} boxes scoring >= 0.2 and "
+                                    f"{len(sample.gt.boxes)} GT boxes; ")
+    assert (tmp_path / "show.png").read_bytes()[:4] == b"\x89PNG"
+
     # The scores are in TensorBoard at the last step, beside the losses.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
