@@ -45,11 +45,12 @@ def _run_options(example: str) -> Callable[[Callable[..., None]], Callable[..., 
 def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: tuple[str, ...], resume: bool,
             device: str, run_eval: bool) -> None:
     """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`."""
-    from stxd_train.engine import load_run_config
-    from stxd_train.scoring import evaluate_run
-    from stxd_train.teacher import TeacherRunConfig, train_teacher
+    from stxd_train.configs import TeacherRunConfig, load_run_config
 
-    cfg = load_run_config(TeacherRunConfig, config_path, overrides, kind="teacher")
+    cfg = load_run_config(TeacherRunConfig, config_path, overrides, kind="teacher")   # checked before torch loads
+    from stxd_train.scoring import evaluate_run
+    from stxd_train.teacher import train_teacher
+
     path = train_teacher(cfg, dataroot=dataroot, version=version, out=out, resume=resume, device=device)
     click.echo(f"teacher written to {path}")
     if run_eval:
@@ -72,11 +73,12 @@ def fit(config_path: str, dataroot: str, version: str, out: str, cache: str | No
         run_eval: bool) -> None:
     """Train a camera student; under torchrun, one process per device (gloo on CPU, nccl on GPU)."""
     from pipelines.config import load_config
-    from stxd_train.engine import is_main_process, load_run_config
-    from stxd_train.fit import StudentRunConfig
+    from stxd_train.configs import StudentRunConfig, load_run_config
+
+    cfg = load_run_config(StudentRunConfig, config_path, overrides, kind="student")   # checked before torch loads
+    from stxd_train.engine import is_main_process
     from stxd_train.fit import fit as fit_student
 
-    cfg = load_run_config(StudentRunConfig, config_path, overrides, kind="student")
     layout = None
     if cache_config is not None:
         from stxd_cache.extract import ExtractConfig
@@ -104,13 +106,10 @@ def config_(config_path: str, overrides: tuple[str, ...]) -> None:
     data = read_yaml(config_path)
     kind = data.get("kind") or ("student" if (data.get("model") or {}).get("name") in ("bevformer", "uvtr")
                                 else "teacher")
-    if kind == "student":
-        from stxd_train.fit import StudentRunConfig as RunConfig
-    else:
-        from stxd_train.teacher import TeacherRunConfig as RunConfig  # type: ignore[assignment]
-    from stxd_train.engine import load_run_config
+    from stxd_train.configs import StudentRunConfig, TeacherRunConfig, load_run_config
 
-    cfg = load_run_config(RunConfig, config_path, overrides, kind=kind)
+    run_config = StudentRunConfig if kind == "student" else TeacherRunConfig
+    cfg = load_run_config(run_config, config_path, overrides, kind=kind)
     click.echo(f"# {kind} run config of {config_path}" + "".join(f" --set {o}" for o in overrides))
     click.echo("\n".join(describe(cfg)))
 

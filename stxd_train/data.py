@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,45 +19,17 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from pipelines.cameras import load_cameras
-from pipelines.config import require
 from pipelines.errors import ConfigError, SensorFileError
 from pipelines.geometry import invert
 from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex, SampleInfo
+from stxd_train.configs import CameraAugmentConfig
 from stxd_train.distill.response import DEFAULT_MATCH, GTMatch, best_gt_iou
 
 if TYPE_CHECKING:
     from stxd_cache.schema import CacheRecord
     from stxd_cache.store import CacheReader
     from stxd_train.online import LidarFrames
-
-
-@dataclass(frozen=True, kw_only=True)
-class CameraAugmentConfig:
-    """Training-time image augmentation; the intrinsics follow every geometric change.
-
-    Each image is resized by a random factor in `scale` times the base resize to `image_size`, then a window
-    of `image_size` is cut at a random position (zero padded where the scaled image is smaller). All cameras
-    and frames of one item share the factor and the window, so the rig stays consistent over time; the
-    photometric factors are drawn per frame.
-    """
-
-    scale: tuple[float, float] = field(default=(1.0, 1.0), metadata={"help": "random resize factor range"})
-    brightness: float = field(default=0.0, metadata={"help": "max relative brightness change"})
-    contrast: float = field(default=0.0, metadata={"help": "max relative contrast change"})
-    saturation: float = field(default=0.0, metadata={"help": "max relative saturation change"})
-
-    def __post_init__(self) -> None:
-        require("camera augment", [
-            (0 < self.scale[0] <= self.scale[1], "scale", self.scale, "0 < low <= high, e.g. [0.9, 1.1]"),
-            (0 <= self.brightness < 1, "brightness", self.brightness, "in [0, 1)"),
-            (0 <= self.contrast < 1, "contrast", self.contrast, "in [0, 1)"),
-            (0 <= self.saturation < 1, "saturation", self.saturation, "in [0, 1)"),
-        ])
-
-    @property
-    def geometric(self) -> bool:
-        return self.scale != (1.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -14,104 +14,24 @@ foreground weights for the feature terms (CD, TD, MSE), and a warm-up of the dis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.config import require
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid, resample
 from stxd_cache.teacher.center_head import boxes_from_codes, codes_from_boxes
+from stxd_train.configs import FG_MASKS, RD_SPACES, TERMS, DistillConfig  # noqa: F401  (re-exported)
 from stxd_train.distill import correlation_loss, feature_mse, quality_weights, response_loss, temporal_loss
 from stxd_train.distill.foreground import cell_weights, gt_foreground, teacher_foreground
-from stxd_train.distill.response import GTMatch, decoded_codes
+from stxd_train.distill.response import decoded_codes
 from stxd_train.engine.distributed import unwrap_model
 from stxd_train.engine.hooks import HookBase
 
 if TYPE_CHECKING:
     from stxd_train.online import OnlineTeacher
-
-TERMS = ("cd", "td", "rd", "mse")
-RD_SPACES = ("encoded", "decoded")
-FG_MASKS = ("none", "gt", "teacher")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """Which distillation terms a fit adds to the detection loss, and their weights and knobs."""
-
-    terms: tuple[str, ...] = field(default=(), metadata={"help": "any of cd, td, rd, mse; empty: no distillation"})
-    alpha_cd: float = field(default=1.0, metadata={"help": "weight of the correlation loss"})
-    alpha_td: float = field(default=1.0, metadata={"help": "weight of the temporal loss"})
-    alpha_rd: float = field(default=1.0, metadata={"help": "weight of the response loss"})
-    alpha_mse: float = field(default=1.0, metadata={"help": "weight of the feature MSE baseline"})
-    lambda_c: float = field(default=0.005, metadata={"help": "CD weight of the off-diagonal correlations"})
-    tau: float = field(default=0.1, metadata={"help": "TD softmax temperature"})
-    gamma: float = field(default=0.5, metadata={"help": "RD quality exponent: q = score^(1-γ) · IoU^γ"})
-    k: int = field(default=2, metadata={"help": "TD past frames K, at most the cache's k_max"})
-    tokens: int = field(default=0, metadata={"help": "TD token grid P; 0: the cache's; else a divisor of it"})
-    adapter_channels: tuple[int, ...] = field(default=(), metadata={
-        "help": "hidden widths of the 1×1-conv adapter (with BN and ReLU); empty: a single 1×1 conv"})
-    rd_space: Literal["encoded", "decoded"] = field(default="encoded", metadata={
-        "help": "RD regression space. encoded: the head's own codes (cell offsets, z, log sizes, sin and cos, "
-                "velocity) weighted by its code_weights × bbox_weight, as its box loss weighs them (velocity 0.2); "
-                "decoded: the paper's reading, decoded boxes re-encoded (metres, atan2 round trip of the student's "
-                "yaw) with unit weights, so that RD outweighs the box loss and pulls hardest on the velocity"})
-    rd_class_aware: bool = field(default=True, metadata={
-        "help": "RD quality: the IoU counts only GT boxes of the teacher box's class, so that a box of the wrong "
-                "class on an object does not teach its class; false: any class (the paper's reading)"})
-    rd_drop_flipped: bool = field(default=True, metadata={
-        "help": "RD quality: q = 0 when the matched GT box's heading is more than 90° from the teacher box's; a "
-                "box and its 180° turn have BEV IoU 1, so the IoU cannot catch a flip; false: the paper's reading"})
-    fg_mask: Literal["none", "gt", "teacher"] = field(default="gt", metadata={
-        "help": "per-cell weights of CD, TD and MSE on the student grid. gt: 1 inside GT footprints and on the "
-                "head's heatmap Gaussians around GT centres; teacher: the teacher's boxes re-drawn as a heatmap "
-                "(a Gaussian of peak score around each centre); none: every cell alike (the paper's reading)"})
-    fg_background_weight: float = field(default=0.1, metadata={
-        "help": "with fg_mask gt or teacher, the weight of background cells in [0, 1] (foreground: 1); 0.1 is a "
-                "starting value, not tuned"})
-    warmup_steps: int = field(default=0, metadata={
-        "help": "steps over which every distillation weight ramps linearly from 0 (first step) to its alpha_* "
-                "(logged terms include the ramp); 0: full weights from the first step, the paper's reading"})
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.terms) - set(TERMS))
-        require("distill", [
-            (not unknown and len(set(self.terms)) == len(self.terms), "terms", list(self.terms),
-             f"distinct names among {', '.join(TERMS)}"),
-            (min(self.alpha_cd, self.alpha_td, self.alpha_rd, self.alpha_mse) >= 0, "alpha_*",
-             (self.alpha_cd, self.alpha_td, self.alpha_rd, self.alpha_mse), "weights >= 0"),
-            (self.lambda_c >= 0, "lambda_c", self.lambda_c, ">= 0"),
-            (self.tau > 0, "tau", self.tau, "> 0"),
-            (0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]"),
-            (self.k >= 1, "k", self.k, "at least 1 past frame"),
-            (self.tokens >= 0, "tokens", self.tokens, ">= 0"),
-            (all(c >= 1 for c in self.adapter_channels), "adapter_channels", self.adapter_channels, "widths >= 1"),
-            (self.rd_space in RD_SPACES, "rd_space", self.rd_space, f"one of {', '.join(RD_SPACES)}"),
-            (self.fg_mask in FG_MASKS, "fg_mask", self.fg_mask, f"one of {', '.join(FG_MASKS)}"),
-            (0 <= self.fg_background_weight <= 1, "fg_background_weight", self.fg_background_weight, "in [0, 1]"),
-            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "a number of steps >= 0"),
-        ])
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.terms)
-
-    @property
-    def gt_match(self) -> GTMatch:
-        """How RD's quality matches teacher boxes with GT boxes (`rd_class_aware`, `rd_drop_flipped`)."""
-        return GTMatch(class_aware=self.rd_class_aware, drop_flipped=self.rd_drop_flipped)
-
-    def warmup_factor(self, step: int | None) -> float:
-        """The factor of every distillation weight at optimizer step `step` (0 for the first):
-        min(1, step / warmup_steps); 1 without a warm-up or when the step is unknown (None)."""
-        if self.warmup_steps == 0 or step is None:
-            return 1.0
-        return min(1.0, max(step, 0) / self.warmup_steps)
-
 
 def bev_tokens(bev: torch.Tensor, token_grid: int) -> torch.Tensor:
     """(B, C, H, W) → (B, P·P, C): means of P×P blocks in the cache's token order

@@ -10,55 +10,23 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipelines.config import from_dict, require, to_dict
+from pipelines.config import from_dict, to_dict
 from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
-from stxd_train.data import CameraAugmentConfig, CameraBatch
-from stxd_train.distiller import DistillConfig, Distiller, DistillStepHook
-from stxd_train.engine import RUN_KEYS, OptimConfig, TrainConfig
+from stxd_train.configs import StudentDataConfig, StudentRunConfig  # noqa: F401  (re-exported)
+from stxd_train.data import CameraBatch
+from stxd_train.distiller import Distiller, DistillStepHook
+from stxd_train.engine import RUN_KEYS
 from stxd_train.students.config import StudentConfig
 
 #: What `fit` writes when training ends, besides the checkpoints.
 STUDENT_FILE = "student.pt"
-
-
-@dataclass(frozen=True, kw_only=True)
-class StudentDataConfig:
-    """Which samples a student trains and evaluates on, and how its images are loaded."""
-
-    train_splits: tuple[str, ...] = field(default=("synth_train",), metadata={"help": "training splits"})
-    val_split: str = field(default="synth_val", metadata={"help": "split scored by `stxd-train eval`"})
-    image_size: tuple[int, int] = field(default=(320, 176), metadata={"help": "(width, height) of the input images"})
-    batch_size: int = field(default=2, metadata={"help": "samples per step and process"})
-    num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes"})
-    min_points: int = field(default=1, metadata={"help": "GT boxes with fewer LiDAR points are not targets"})
-    augment: CameraAugmentConfig = field(default_factory=CameraAugmentConfig, metadata={"help": "image augmentation"})
-
-    def __post_init__(self) -> None:
-        require("student data", [
-            (len(self.train_splits) >= 1, "train_splits", self.train_splits, "at least one split"),
-            (all(v >= 32 for v in self.image_size), "image_size", self.image_size, "two sizes >= 32 pixels"),
-            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
-            (self.num_workers >= 0, "num_workers", self.num_workers, ">= 0"),
-        ])
-
-
-@dataclass(frozen=True, kw_only=True)
-class StudentRunConfig:
-    """configs/student/*.yaml: the student and how to train it."""
-
-    model: StudentConfig
-    data: StudentDataConfig = field(default_factory=StudentDataConfig)
-    train: TrainConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 class StudentLoss(nn.Module):

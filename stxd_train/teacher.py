@@ -8,7 +8,6 @@ checkpoint that `stxd-cache extract --teacher` reads.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +17,8 @@ from torch import nn
 from pipelines.config import to_dict
 from pipelines.device import resolve_device
 from pipelines.errors import ConfigError
-from stxd_cache.teacher.config import TeacherConfig
-from stxd_cache.teacher.data import AugmentConfig, LidarBatch, LidarDataset, collate
-from stxd_train.engine import OptimConfig, TrainConfig
-
-
-@dataclass(frozen=True, kw_only=True)
-class TeacherDataConfig:
-    """Which samples the teacher trains and evaluates on, and how they are loaded."""
-
-    train_splits: tuple[str, ...] = field(default=("synth_train",), metadata={"help": "training splits"})
-    val_split: str = field(default="synth_val", metadata={"help": "split scored by `stxd-train eval`"})
-    batch_size: int = field(default=2, metadata={"help": "samples per step"})
-    num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes"})
-    min_points: int = field(default=1, metadata={"help": "GT boxes with fewer LiDAR points are not targets"})
-    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "global augmentation"})
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0 or not self.train_splits:
-            raise ConfigError(f"teacher data: found batch_size {self.batch_size}, num_workers {self.num_workers}, "
-                              f"train_splits {self.train_splits}; expected >= 1, >= 0 and at least one split")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TeacherRunConfig:
-    """configs/teacher/*.yaml: the teacher architecture and how to train it."""
-
-    model: TeacherConfig
-    data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
-    train: TrainConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
+from stxd_cache.teacher.data import LidarBatch, LidarDataset, collate
+from stxd_train.configs import TeacherDataConfig, TeacherRunConfig  # noqa: F401  (re-exported)
 
 
 class TeacherLoss(nn.Module):

@@ -295,3 +295,17 @@ class TeacherConfig:
     def bev_grid(self) -> BEVGrid:
         """The head's BEV grid: the point range at `out_stride`."""
         return self.voxel.bev_grid(self.out_stride)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """Global point-cloud augmentation of teacher training (off at evaluation and extraction)."""
+
+    flip: bool = field(default=True, metadata={"help": "random flips about the x and the y axis"})
+    rotation: float = field(default=0.3925, metadata={"help": "max |rotation| about z, rad (π/8)"})
+    scale: tuple[float, float] = field(default=(0.95, 1.05), metadata={"help": "global scaling range"})
+
+    def __post_init__(self) -> None:
+        if self.rotation < 0 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"augment: found rotation {self.rotation}, scale {self.scale}; expected rotation "
+                              ">= 0 and 0 < scale[0] <= scale[1]")

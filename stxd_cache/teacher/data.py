@@ -4,29 +4,15 @@ augmentations CenterPoint trains with (flip, rotation, scaling) applied consiste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.errors import ConfigError
 from pipelines.lidar import load_sweeps
 from pipelines.nuscenes import SampleIndex
-
-
-@dataclass(frozen=True, kw_only=True)
-class AugmentConfig:
-    """Global point-cloud augmentation of teacher training (off at evaluation and extraction)."""
-
-    flip: bool = field(default=True, metadata={"help": "random flips about the x and the y axis"})
-    rotation: float = field(default=0.3925, metadata={"help": "max |rotation| about z, rad (π/8)"})
-    scale: tuple[float, float] = field(default=(0.95, 1.05), metadata={"help": "global scaling range"})
-
-    def __post_init__(self) -> None:
-        if self.rotation < 0 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(f"augment: found rotation {self.rotation}, scale {self.scale}; expected rotation "
-                              ">= 0 and 0 < scale[0] <= scale[1]")
+from stxd_cache.teacher.config import AugmentConfig
 
 
 @dataclass(frozen=True)

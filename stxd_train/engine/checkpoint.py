@@ -13,7 +13,7 @@ import errno
 import os
 import pickle
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -22,13 +22,11 @@ import torch
 import yaml
 
 from pipelines.errors import StxdError, torch_load_reason
+from stxd_train.configs import RUN_KEYS, load_run_config  # noqa: F401  (re-exported)
 from stxd_train.engine.distributed import is_main_process
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
-#: Top-level keys that `stxd-train teacher` and `fit` write into a run's `config.yaml` next to the run config
-#: itself: what the run trained on (`teacher_online` only for a fit with a live teacher).
-RUN_KEYS = ("kind", "dataroot", "version", "cache", "teacher_online")
 #: The next step after a failed write of a training run's file.
 RESUME_ADVICE = ("then continue the run with the same command and --resume: it starts again from the run's last "
                  "checkpoint, checkpoints/last.pt, which a failed write leaves as it was")
@@ -191,26 +189,6 @@ def save_run_config(out_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
     if is_main_process():
         atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
     return path
-
-
-def load_run_config(cls: type[T], path: str | Path, overrides: Sequence[str] = (), *, kind: str) -> T:
-    """The run config `cls` of `--config PATH` with its `--set` overrides.
-
-    PATH is a recipe (configs/<kind>/*.yaml) or the `config.yaml` of a `kind` run, whose `RUN_KEYS` are dropped:
-    `--config RUN/config.yaml --resume` then continues that run with exactly its config.
-    """
-    from pipelines.config import apply_overrides, from_dict, read_yaml
-    from pipelines.errors import ConfigError
-
-    data = read_yaml(path)
-    found = data.get("kind")
-    if found is not None:
-        if found != kind:
-            raise ConfigError(f"{path} is the config.yaml of a run of kind {found!r}, expected a {kind} config: pass "
-                              f"a recipe such as configs/{kind}/*.yaml or the config.yaml of a {kind} run")
-        data = {k: v for k, v in data.items() if k not in RUN_KEYS}
-    return from_dict(cls, apply_overrides(data, overrides), where=str(path))
-
 
 
 #: Run-config fields a resumed run may change: how it is logged or loaded, and `train.max_steps` to extend a

@@ -7,68 +7,21 @@ learning rates of an uninterrupted one and the schedule itself is never stored i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipelines.config import require
 from pipelines.errors import ConfigError
+from stxd_train.configs import SCHEDULES, OptimConfig, Schedule  # noqa: F401  (re-exported)
 
-Schedule = Literal["onecycle", "cosine"]
-SCHEDULES: tuple[str, ...] = ("onecycle", "cosine")
 # Warm-up fraction when neither `warmup_steps` nor `pct_start` is given.
-_DEFAULT_PCT_START = {"onecycle": 0.4, "cosine": 0.0}
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    """AdamW with a warm-up and a cosine decay; `grad_clip` is handed to the `Trainer`."""
-
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (not on norms, biases)"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"})
-    schedule: Schedule = field(default="cosine", metadata={
-        "help": "onecycle: cosine warm-up then cosine decay; cosine: linear warm-up then cosine decay"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "warm-up length in steps (or pct_start)"})
-    pct_start: float | None = field(default=None, metadata={
-        "help": "warm-up length as a fraction of max_steps (or warmup_steps); default 0.4 onecycle, 0 cosine"})
-    start_lr_ratio: float = field(default=0.1, metadata={"help": "learning rate at step 0, as a fraction of lr"})
-    min_lr_ratio: float = field(default=1e-3, metadata={"help": "learning rate after max_steps, as a fraction of lr"})
-    grad_clip: float = field(default=35.0, metadata={"help": "max global gradient norm; 0 turns clipping off"})
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps is not None and self.pct_start is not None:
-            raise ConfigError(f"optim: can't provide both warmup_steps ({self.warmup_steps}) and pct_start "
-                              f"({self.pct_start}). Choose one.")
-        checks = [
-            (math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0"),
-            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
-             "two numbers in [0, 1)"),
-            (self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0"),
-            (self.pct_start is None or 0 <= self.pct_start < 1, "pct_start", self.pct_start, "in [0, 1)"),
-            (0 < self.start_lr_ratio <= 1, "start_lr_ratio", self.start_lr_ratio, "in (0, 1]"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]"),
-            (self.grad_clip >= 0, "grad_clip", self.grad_clip, "a max norm > 0, or 0 for no clipping"),
-        ]
-        require("optim config", checks)
-
-    def warmup_for(self, max_steps: int) -> int:
-        """Warm-up length in steps for a run of `max_steps` steps."""
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        pct = self.pct_start if self.pct_start is not None else _DEFAULT_PCT_START[self.schedule]
-        return round(pct * max_steps)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:

@@ -13,9 +13,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +22,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from pipelines.config import require
 from pipelines.errors import ConfigError, StxdError
+from stxd_train.configs import AMP_MODES, AmpMode, TrainConfig  # noqa: F401  (re-exported)
 from stxd_train.engine.checkpoint import (
     LAST_CHECKPOINT,
     CheckpointError,
@@ -37,8 +36,6 @@ from stxd_train.engine.distributed import all_gather_object, all_ranks_true, ran
 from stxd_train.engine.hooks import HookBase
 from stxd_train.engine.sampler import ResumableSampler, StatefulBatchSampler, seed_everything
 
-AmpMode = Literal["auto", "off", "bf16", "fp16"]
-AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
 CHECKPOINT_FORMAT = 1
 
 
@@ -48,29 +45,6 @@ class TrainingError(StxdError):
 
 class NonFiniteLossError(TrainingError):
     """The loss of a step is NaN or infinite."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """The loop's knobs; the caller turns them into `Trainer` arguments and hooks (see the package docs)."""
-
-    max_steps: int = field(default=10_000, metadata={"help": "optimizer steps of the run (and schedule horizon)"})
-    checkpoint_every: int = field(default=1000, metadata={"help": "steps between saves of checkpoints/last.pt"})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "also keep checkpoints/step_XXXXXX.pt"})
-    log_every: int = field(default=50, metadata={"help": "steps between lines of metrics.jsonl"})
-    seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
-    amp: AmpMode = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CUDA with bf16 support, else off; off; bf16; fp16 (with a GradScaler)"})
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_steps >= 1, "max_steps", self.max_steps, "at least 1"),
-            (self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1"),
-            (self.log_every >= 1, "log_every", self.log_every, "at least 1"),
-            (self.seed >= 0, "seed", self.seed, "a non-negative integer"),
-            (self.amp in AMP_MODES, "amp", self.amp, f"one of {', '.join(AMP_MODES)}"),
-        ]
-        require("train config", checks)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

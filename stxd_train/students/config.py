@@ -93,6 +93,10 @@ class UVTRConfig:
         ])
 
 
+#: The students of `stxd_train.students.registry.STUDENTS`, named here so that a config is checked without torch.
+STUDENT_NAMES = ("bevformer", "uvtr")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StudentConfig:
     """A camera student: `name` picks the registry entry; only that entry's section is used."""
@@ -115,10 +119,8 @@ class StudentConfig:
         "help": "refuse a load_from file with tensors this student cannot use (false: skip and report them)"})
 
     def __post_init__(self) -> None:
-        from stxd_train.students.registry import STUDENTS
-
         require("student config model", [
-            (self.name in STUDENTS, "name", self.name, f"one of {', '.join(sorted(STUDENTS))}"),
+            (self.name in STUDENT_NAMES, "name", self.name, f"one of {', '.join(STUDENT_NAMES)}"),
             (self.grid_half_extent > 0, "grid_half_extent", self.grid_half_extent, "> 0 metres"),
             (self.grid_size >= 2, "grid_size", self.grid_size, "at least 2 cells"),
             (self.embed_dims >= 1 and self.embed_dims % self.bevformer.num_heads == 0, "embed_dims",

@@ -169,6 +169,35 @@ def test_bad_inputs_fail_at_start_up(tmp_path: Path, synth_root: Path, cache: Pa
     assert not (tmp_path / "r3" / "checkpoints").exists()
 
 
+_CONFIG_ERROR = """
+import sys
+from stxd_train.cli import main
+try:
+    main(args={args}, prog_name="stxd-train")
+except SystemExit as exc:
+    print(exc.code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "spconv", "nuscenes")))
+"""
+
+
+@pytest.mark.parametrize(("command", "recipe", "bad", "expected"), [
+    ("fit", "configs/student/bevformer_synth.yaml", "model.colour=red", "unknown key(s) colour"),
+    ("fit", "configs/student/bevformer_synth.yaml", "model.name=detr3d", "expected one of bevformer, uvtr"),
+    ("fit", "configs/student/uvtr_synth.yaml", "distill.terms=[kd]", "distinct names among cd, td, rd, mse"),
+    ("teacher", "configs/teacher/centerpoint_synth.yaml", "optim.lr=-1", "`lr`: found -1"),
+    ("config", "configs/student/bevformer_synth.yaml", "train.amp=fp8", "train.amp: found 'fp8', expected one of"),
+])
+def test_a_config_error_is_reported_before_torch_is_imported(command: str, recipe: str, bad: str, expected: str,
+                                                              tmp_path: Path) -> None:
+    args = [command, "--config", str(Path(__file__).parents[2] / recipe), "--set", bad]
+    if command != "config":
+        args += ["--dataroot", str(tmp_path), "--version", VERSION, "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", _CONFIG_ERROR.format(args=args)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "2 []", (done.stdout, done.stderr[-2000:])
+    assert expected in " ".join(done.stderr.split()), done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_ddp_two_cpu_ranks_match_one_process(tmp_path: Path, synth_root: Path) -> None:
     """torchrun with 2 gloo ranks × batch 1 against 1 process × batch 2: same samples per step, the same
     all-reduced losses within tolerance, and only rank 0 writes."""

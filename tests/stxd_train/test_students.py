@@ -55,6 +55,9 @@ def test_every_student_trains_one_step(name: str, train_index) -> None:
 
 
 def test_unknown_student_lists_the_registry() -> None:
+    from stxd_train.students.config import STUDENT_NAMES
+
+    assert STUDENT_NAMES == tuple(STUDENTS)   # configs are checked without importing the registry's torch modules
     with pytest.raises(ConfigError, match="bevformer, uvtr"):
         from_dict(StudentConfig, tiny_student("detr3d")["model"])
 
