@@ -57,19 +57,20 @@ class LoadReport:
         return out
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state(path: str | Path, *, what: str = "model.load_from") -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (read with `weights_only=True`): a bare state dict, or the `state_dict`
-    or `model` entry of a dict (stxd's `student.pt` and training checkpoints, mmdet and torchvision files)."""
+    or `model` entry of a dict (stxd's `student.pt` and training checkpoints, mmdet and torchvision files);
+    `module.` prefixes stripped. Errors name the file as `what` (the config field that gave it)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"model.load_from {path}: no such file; give the path of a checkpoint (a stxd student.pt, "
-                          "an mmdetection3d .pth or a torchvision ResNet .pth)")
+        raise ConfigError(f"{what} {path}: no such file; give the path of a checkpoint (a stxd student.pt, an "
+                          "mmdetection3d .pth or a torchvision ResNet .pth)")
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"model.load_from {path}: torch.load(weights_only=True) cannot read it "
-                          f"({torch_load_reason(exc)}); expected a checkpoint of tensors (re-save a foreign one as "
-                          "a plain state dict)") from None
+        raise ConfigError(f"{what} {path}: torch.load(weights_only=True) cannot read it ({torch_load_reason(exc)}); "
+                          "expected a checkpoint of tensors only, such as torchvision's resnet*.pth (re-save a "
+                          "foreign one as a plain state dict)") from None
     if isinstance(obj, Mapping):
         for entry in ("state_dict", "model"):
             if isinstance(obj.get(entry), Mapping):
@@ -77,8 +78,8 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
     if not tensors:
-        raise ConfigError(f"model.load_from {path}: found no tensors (a {type(obj).__name__}); expected a state dict "
-                          "or a dict with a 'state_dict' or 'model' entry")
+        raise ConfigError(f"{what} {path}: found no tensors (a {type(obj).__name__}); expected a state dict or a "
+                          "dict with a 'state_dict' or 'model' entry")
     return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 

@@ -7,16 +7,13 @@ without `fc`, so ImageNet checkpoints load with `load_pretrained`. `num_stages` 
 
 from __future__ import annotations
 
-import pickle
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from pipelines.errors import ConfigError, torch_load_reason
+from pipelines.errors import ConfigError
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "load_pretrained"]
 
@@ -203,23 +200,9 @@ def load_pretrained(model: ResNet, path: str | Path) -> dict[str, list[str]]:
     -------
     {"loaded": model keys set from the file, "ignored": file keys (prefixes stripped) skipped}
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pretrained weights {path}: no such file; check the path of the ResNet checkpoint")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"pretrained weights {path}: torch.load(weights_only=True) cannot read it "
-                          f"({torch_load_reason(e)}); expected a checkpoint of tensors only, such as torchvision's "
-                          "resnet*.pth; re-save foreign checkpoints as a plain state dict") from e
-    if isinstance(obj, Mapping):
-        for entry in ("state_dict", "model"):
-            if isinstance(obj.get(entry), Mapping):
-                obj = obj[entry]
-                break
-    if not isinstance(obj, Mapping):
-        raise ConfigError(f"pretrained weights {path}: found a {type(obj).__name__}, expected a state dict or "
-                          "a dict with a 'state_dict' or 'model' entry")
+    from stxd_train.students.pretrained import read_state
+
+    obj = read_state(path, what="pretrained weights")
 
     own = model.state_dict()
     state: dict[str, torch.Tensor] = {}
