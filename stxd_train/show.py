@@ -13,6 +13,7 @@ from pipelines.errors import ConfigError
 #: Panel positions of the cameras: the front three on top, the back three below, as the car sees them.
 CAMERA_LAYOUT = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 PRED_COLOUR = "red"
+MAX_PAST = 10
 
 
 def run_sample(run: Path, token: str, dataroot: str | None) -> tuple[dict[str, Any], Any, Any, int]:
@@ -23,10 +24,9 @@ def run_sample(run: Path, token: str, dataroot: str | None) -> tuple[dict[str, A
     nusc = load_nuscenes(dataroot or saved["dataroot"], saved["version"])
     data = saved["data"]
     splits = [data["val_split"], *data.get("train_splits", [])]
-    queue = int((saved.get("model") or {}).get("bevformer", {}).get("queue", 0)) \
-        if saved.get("kind") == "student" else 0
     for split in dict.fromkeys(splits):
-        index = SampleIndex.from_nuscenes(nusc, [split], k_prev=max(queue, 3), max_sweeps=10)
+        # Enough past keyframes and sweeps for any student queue and teacher (both read only what they need).
+        index = SampleIndex.from_nuscenes(nusc, [split], k_prev=MAX_PAST, max_sweeps=MAX_PAST)
         if any(s.token == token for s in index):
             return saved, nusc, index, index.index_of(token)
     raise ConfigError(f"sample {token} is in none of the run's splits ({', '.join(dict.fromkeys(splits))}) of "

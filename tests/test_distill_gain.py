@@ -75,7 +75,8 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
                                                                    ("stxd", 1)]
     for record in saved["runs"]:
         run = Path(record["run"])
-        metrics = json.loads((run / "metrics.json").read_text())
+        metrics = json.loads((run / "eval" / "synth_test" / "metrics.json").read_text())
+        assert not (run / "metrics.json").exists()   # the run's headline is its val split's, never scored here
         assert record["student"] == "tiny_bevformer" and record["steps"] == 2 and record["commit"] == commit
         assert (record["nds"], record["map"]) == (metrics["NDS"], metrics["mAP"])
         assert metrics["split"] == "synth_test" and record["eval_frames"] == 4
