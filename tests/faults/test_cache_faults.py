@@ -214,6 +214,8 @@ def test_kills_anywhere_then_resume_give_the_uninterrupted_store(processes: Any,
     code, stdout, err = _run(processes, argv, tmp_path / "resume")
     assert code == 0, err
     assert f"cache {out} complete: {SAMPLES} samples (0 extracted now" in stdout  # only finalize was left
+    counts = open_cache(out).box_counts()
+    assert f"teacher boxes per row: mean {counts.mean():.1f}, min {counts.min()}, max {counts.max()}" in stdout
     assert verify(out).ok
     _assert_same_store(ref, out)
 
