@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -290,15 +290,18 @@ def state_dict_problems(model: nn.Module, state: dict[str, Any], *, shown: int =
 
 
 def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, device: torch.device, *,
-                    batch_size: int = 2) -> Iterator[tuple[list[str], Any]]:
-    """(sample tokens, `StudentOutput`) for every batch of `index`, without augmentation or gradient."""
-    from torch.utils.data import DataLoader
+                    batch_size: int = 2, only: Sequence[str] | None = None) -> Iterator[tuple[list[str], Any]]:
+    """(sample tokens, `StudentOutput`) for every batch of `index` (or of its samples `only`), without augmentation
+    or gradient."""
+    from torch.utils.data import DataLoader, Subset
 
     from stxd_train.data import CameraDataset, collate
     from stxd_train.engine import to_device
 
-    dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                            min_points=cfg.data.min_points)
+    dataset: Any = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
+                                 min_points=cfg.data.min_points)
+    if only is not None:
+        dataset = Subset(dataset, [index.index_of(t) for t in only])
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
     with torch.inference_mode():
         for batch in loader:
@@ -307,9 +310,10 @@ def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, devic
 
 
 def student_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str, device: str, *,
-                        batch_size: int = 2) -> tuple[Any, dict[str, Any]]:
-    """The student of run folder `run` (its `config.yaml` is `saved`) decoded on every sample of `split`: the
-    split's `SampleIndex` and {sample token: Detections} (`stxd_train.scoring.predict` calls this)."""
+                        batch_size: int = 2, only: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The student of run folder `run` (its `config.yaml` is `saved`) decoded on every sample of `split` (or on
+    its samples `only`): the split's `SampleIndex` and {sample token: Detections} (`stxd_train.scoring.predict`
+    and `stxd_train.show` call this)."""
     from pipelines.device import resolve_device
     from pipelines.evaluation import Detections
     from pipelines.nuscenes import SampleIndex
@@ -319,7 +323,7 @@ def student_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str,
     student = load_student(run / STUDENT_FILE, dev)
     index = SampleIndex.from_nuscenes(nusc, [split], k_prev=cfg.model.queue, max_sweeps=0)
     detections: dict[str, Detections] = {}
-    for tokens, out in student_outputs(student, cfg, index, dev, batch_size=batch_size):
+    for tokens, out in student_outputs(student, cfg, index, dev, batch_size=batch_size, only=only):
         for token, det in zip(tokens, student.decode(out), strict=True):
             detections[token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
                                            labels=det.labels.cpu().numpy())

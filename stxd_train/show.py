@@ -13,56 +13,22 @@ from pipelines.errors import ConfigError
 #: Panel positions of the cameras: the front three on top, the back three below, as the car sees them.
 CAMERA_LAYOUT = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 PRED_COLOUR = "red"
-MAX_PAST = 10
 
 
-def run_sample(run: Path, token: str, dataroot: str | None) -> tuple[dict[str, Any], Any, Any, int]:
-    """(the run's config.yaml, the devkit, the SampleIndex of the run's split that holds `token`, its position)."""
+def run_sample(run: Path, token: str, dataroot: str | None) -> tuple[dict[str, Any], Any, str, Any]:
+    """(the run's config.yaml, the devkit, the run's split that holds `token`, that sample's `SampleInfo`)."""
     from pipelines.nuscenes import SampleIndex, load_nuscenes
 
     saved = read_yaml(run / "config.yaml")
     nusc = load_nuscenes(dataroot or saved["dataroot"], saved["version"])
     data = saved["data"]
-    splits = [data["val_split"], *data.get("train_splits", [])]
-    for split in dict.fromkeys(splits):
-        # Enough past keyframes and sweeps for any student queue and teacher (both read only what they need).
-        index = SampleIndex.from_nuscenes(nusc, [split], k_prev=MAX_PAST, max_sweeps=MAX_PAST)
+    splits = list(dict.fromkeys([data["val_split"], *data.get("train_splits", [])]))
+    for split in splits:
+        index = SampleIndex.from_nuscenes(nusc, [split], k_prev=0, max_sweeps=0)
         if any(s.token == token for s in index):
-            return saved, nusc, index, index.index_of(token)
-    raise ConfigError(f"sample {token} is in none of the run's splits ({', '.join(dict.fromkeys(splits))}) of "
-                      f"{nusc.dataroot}; pass a sample token of one of them (e.g. {index[0].token})")
-
-
-def predict_sample(run: Path, saved: dict[str, Any], index: Any, i: int, device: str) -> Any:
-    """The run's decoded boxes (Detections) on sample `i` of `index`."""
-    import torch
-
-    from pipelines.device import resolve_device
-    from pipelines.evaluation import Detections
-
-    dev = resolve_device(device)
-    with torch.inference_mode():
-        if saved.get("kind") == "teacher":
-            from stxd_cache.teacher.checkpoint import load_teacher
-            from stxd_cache.teacher.data import LidarDataset
-
-            loaded = load_teacher(run / "teacher.pt", device=dev, written_by="`stxd-train teacher`")
-            dataset = LidarDataset(index, num_sweeps=loaded.config.num_sweeps,
-                                   point_range=loaded.config.voxel.point_range)
-            teacher = loaded.model.eval()
-            det = teacher.decode(teacher([dataset[i].points.to(dev)]))[0]
-        else:
-            from stxd_train.data import CameraDataset, collate
-            from stxd_train.engine import to_device
-            from stxd_train.fit import STUDENT_FILE, load_student, run_config
-
-            cfg = run_config(saved, where=str(run / "config.yaml"))
-            student = load_student(run / STUDENT_FILE, dev)
-            dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid,
-                                    queue=cfg.model.queue, min_points=cfg.data.min_points)
-            det = student.decode(student(to_device(collate([dataset[i]]), dev)))[0]
-    return Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
-                      labels=det.labels.cpu().numpy())
+            return saved, nusc, split, index.get(token)
+    raise ConfigError(f"sample {token} is in none of the run's splits ({', '.join(splits)}) of {nusc.dataroot}; "
+                      f"pass a sample token of one of them (e.g. {index[0].token})")
 
 
 def show_run(run: str | Path, token: str, out: str | Path, *, dataroot: str | None = None, min_score: float = 0.3,
@@ -78,9 +44,12 @@ def show_run(run: str | Path, token: str, out: str | Path, *, dataroot: str | No
     from pipelines.render import GT_COLOUR, bev_panel, camera_panel, ego_forward, save_figure
 
     run = Path(run)
-    saved, _, index, i = run_sample(run, token, dataroot)
-    sample = index[i]
-    det = predict_sample(run, saved, index, i, device)
+    saved, nusc, split, sample = run_sample(run, token, dataroot)
+    if saved.get("kind") == "teacher":
+        from stxd_train.teacher import teacher_predictions as predictions
+    else:
+        from stxd_train.fit import student_predictions as predictions
+    det = predictions(run, saved, nusc, split, device, only=[token])[1][token]
     keep = det.scores >= min_score
     pred, gt = det.boxes[keep], sample.gt.boxes
     fig = plt.figure(figsize=(22, 8.5))

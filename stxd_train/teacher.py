@@ -8,6 +8,7 @@ checkpoint that `stxd-cache extract --teacher` reads.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,10 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     return path
 
 
-def teacher_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str, device: str
-                        ) -> tuple[Any, dict[str, Any]]:
-    """The teacher of run folder `run` decoded on every sample of `split`: the split's `SampleIndex` and
-    {sample token: Detections} (`stxd_train.scoring.predict` calls this)."""
+def teacher_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str, device: str, *,
+                        only: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The teacher of run folder `run` decoded on every sample of `split` (or on its samples `only`): the split's
+    `SampleIndex` and {sample token: Detections} (`stxd_train.scoring.predict` and `stxd_train.show` call this)."""
     from pipelines.evaluation import Detections
     from pipelines.nuscenes import SampleIndex
     from stxd_cache.teacher.checkpoint import load_teacher
@@ -112,7 +113,7 @@ def teacher_predictions(run: Path, saved: dict[str, Any], nusc: Any, split: str,
     dataset = LidarDataset(index, num_sweeps=loaded.config.num_sweeps, point_range=loaded.config.voxel.point_range)
     detections: dict[str, Detections] = {}
     with torch.inference_mode():
-        for i in range(len(dataset)):
+        for i in range(len(dataset)) if only is None else [index.index_of(t) for t in only]:
             item = dataset[i]
             det = teacher.decode(teacher([item.points.to(dev)]))[0]
             detections[item.token] = Detections(boxes=det.boxes.cpu().numpy(), scores=det.scores.cpu().numpy(),
