@@ -24,6 +24,12 @@ class SensorFileError(DatasetError):
     """A LiDAR or camera file that is missing or cannot be parsed."""
 
 
+
+class CheckpointError(StxdError):
+    """A checkpoint (a teacher's, a student's or a training run's) that is missing, unreadable, or does not fit the
+    model or the run that loads it."""
+
+
 def torch_load_reason(error: BaseException) -> str:
     """Why `torch.load` failed, in one line: the safe unpickler's own reason when there is one, without torch's
     advice to turn `weights_only` off (which would run whatever code the file carries)."""

@@ -111,10 +111,10 @@ class CacheLayout:
     """Blosc zstd compression level, 1..9 (1..3 is the useful range: higher levels gain little on features)."""
 
     def __post_init__(self) -> None:
-        if int(self.rows_per_shard) < 1:
-            raise ConfigError(f"cache layout `rows_per_shard` is {self.rows_per_shard}; expected >= 1")
-        if not 1 <= int(self.zstd_level) <= 9:
-            raise ConfigError(f"cache layout `zstd_level` is {self.zstd_level}; expected 1..9")
+        require("cache layout", [
+            (int(self.rows_per_shard) >= 1, "rows_per_shard", self.rows_per_shard, ">= 1"),
+            (1 <= int(self.zstd_level) <= 9, "zstd_level", self.zstd_level, "1..9"),
+        ])
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheLayout:

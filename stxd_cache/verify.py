@@ -3,7 +3,6 @@ reports the fingerprint, sizes and completeness. Both only read."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -11,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from zarr.core.sync import sync
 
 from stxd_cache.schema import (
     UNIT_ARRAYS,
@@ -22,17 +20,19 @@ from stxd_cache.schema import (
     row_problems,
     work_units,
 )
-from stxd_cache.store import (
-    _MAX_PROBLEMS,
-    CacheReader,
-    _collect,
-    _object_key,
-    _open_arrays,
-    _open_group,
-    _read_checked,
-    _read_meta,
-    _row_names,
-    _s_extent,
+from stxd_cache.store import CacheReader
+from stxd_cache.store.zarr_io import (
+    MAX_PROBLEMS,
+    list_objects,
+    object_key,
+    object_sizes,
+    open_arrays,
+    open_group,
+    read_checked,
+    read_meta,
+    row_names,
+    rows_per_object,
+    stored_size,
 )
 
 
@@ -66,12 +66,12 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
     progress: called with (rows checked, S) after each work unit.
     """
     path = os.fspath(path)
-    group = _open_group(path, "r")
-    meta = _read_meta(group, path)
+    group = open_group(path, "r")
+    meta = read_meta(group, path)
     report = VerifyReport(path=path)
     n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
     specs = array_specs(meta)
-    arrays = _open_arrays(group, meta, path, lenient=True)
+    arrays = open_arrays(group, meta, path, lenient=True)
     bad_rows: set[int] = set()
 
     def problem(text: str, rows: Sequence[int] = ()) -> None:
@@ -83,21 +83,20 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
             problem(f"array `{name}` is missing or does not match the schema (shape, dtype or chunking)")
     tokens = [f"row {i}" for i in range(n)]
     if "sample_token" in arrays:
-        rows, readable = _read_checked(arrays["sample_token"], range(n))
+        rows, readable = read_checked(arrays["sample_token"], range(n))
         tokens = [t if ok else f"row {i}" for i, (t, ok) in enumerate(zip(decode_tokens(rows), readable,
                                                                               strict=True))]
-    done, done_ok = _read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
+    done, done_ok = read_checked(arrays["done"], range(n)) if "done" in arrays else (np.zeros(n, bool),) * 2
     for i in np.flatnonzero(~done_ok):
-        problem(f"array `done` row {_row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
+        problem(f"array `done` row {row_names(tokens, [i])} fails to decode (corrupt chunk)", [i])
     for name, array in arrays.items():  # absent and empty objects read back as fill values: look at the keys
         if math.prod(specs[name].row_shape) == 0:
             continue
-        store = array.store_path.store
-        keys = set(sync(_collect(store.list_prefix(f"{array.store_path.path}/"))))
-        step = _s_extent(array)
-        objects = [_object_key(array, j) for j in range(math.ceil(n / step))]
+        keys = list_objects(array)
+        step = rows_per_object(array)
+        objects = [object_key(array, j) for j in range(math.ceil(n / step))]
         present = [key for key in objects if key in keys]
-        sizes = dict(zip(present, sync(_sizes(store, present)), strict=True))
+        sizes = dict(zip(present, object_sizes(array, present), strict=True))
         for j, key in enumerate(objects):
             rows = range(j * step, min((j + 1) * step, n))
             # Units not written yet have no objects: only rows marked done, or written at creation, must have
@@ -107,19 +106,19 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
             else:
                 expected = specs[name].chunking == "index" or bool(done[rows.start:rows.stop].any())
             if expected and key not in keys:
-                problem(f"array `{name}`: stored object `{key}` is missing (rows {_row_names(tokens, rows)})", rows)
+                problem(f"array `{name}`: stored object `{key}` is missing (rows {row_names(tokens, rows)})", rows)
             elif key in keys and sizes[key] == 0:  # no encoded chunk or shard is empty: it holds a crc32c
                 problem(f"array `{name}`: stored object `{key}` is empty (0 bytes: a truncated write or copy; rows "
-                        f"{_row_names(tokens, rows)})", rows)
+                        f"{row_names(tokens, rows)})", rows)
     prev = np.full((n, meta.k_max), -1, np.int32)
     for unit in work_units(n, r):
         block: dict[str, np.ndarray] = {}
         for name, array in arrays.items():
             if name == "done":
                 continue
-            block[name], ok = _read_checked(array, unit)
+            block[name], ok = read_checked(array, unit)
             for k in np.flatnonzero(~ok):
-                problem(f"array `{name}` row {_row_names(tokens, [unit.start + k])} fails to decode (corrupt chunk)",
+                problem(f"array `{name}` row {row_names(tokens, [unit.start + k])} fails to decode (corrupt chunk)",
                         [unit.start + k])
         if "prev_index" in block:
             prev[unit.start:unit.stop] = block["prev_index"]
@@ -127,35 +126,30 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
         if all(name in block for name in UNIT_ARRAYS if name in specs):
             found = row_problems(block, meta, check) + digest_problems(block, meta, tokens[unit.start:unit.stop], check)
             for k, what in sorted(found):
-                problem(f"row {_row_names(tokens, [unit.start + k])}: {what}", [unit.start + k])
+                problem(f"row {row_names(tokens, [unit.start + k])}: {what}", [unit.start + k])
         report.rows_checked = unit.stop
         if progress:
             progress(unit.stop, n)
     missing = np.flatnonzero(~done & done_ok)
     if len(missing) and meta.complete:
-        problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}) although the cache is "
+        problem(f"{len(missing)} of {n} rows are not done (rows {row_names(tokens, missing)}) although the cache is "
                 "marked complete: their `done` chunk was deleted or overwritten; re-extract the cache into a new path",
                 missing)
     elif len(missing):
-        problem(f"{len(missing)} of {n} rows are not done (rows {_row_names(tokens, missing)}); resume the extraction "
+        problem(f"{len(missing)} of {n} rows are not done (rows {row_names(tokens, missing)}); resume the extraction "
                 "to write them", missing)
     if not meta.complete:
         problem("the cache is not complete (`complete` is false): finalize has not run; resume the extraction")
     if "prev_index" in arrays:
         for row, what in prev_index_problems(prev, scenes=scenes, timestamps=timestamps):
-            problem(f"prev_index row {_row_names(tokens, [row])}: {what}", [row])
+            problem(f"prev_index row {row_names(tokens, [row])}: {what}", [row])
     if len(set(tokens)) != n:
         problem("`sample_token` holds duplicate tokens")
-    if len(report.problems) > _MAX_PROBLEMS:
-        extra = len(report.problems) - _MAX_PROBLEMS
-        report.problems = [*report.problems[:_MAX_PROBLEMS], f"... and {extra} more problems"]
+    if len(report.problems) > MAX_PROBLEMS:
+        extra = len(report.problems) - MAX_PROBLEMS
+        report.problems = [*report.problems[:MAX_PROBLEMS], f"... and {extra} more problems"]
     report.bad_samples = [tokens[i] for i in sorted(bad_rows)]
     return report
-
-
-async def _sizes(store: Any, keys: list[str]) -> list[int]:
-    """Sizes in bytes of stored objects, fetched concurrently."""
-    return list(await asyncio.gather(*(store.getsize(key) for key in keys)))
 
 
 def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -165,20 +159,20 @@ def cache_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     at creation); `bytes_per_sample` and `compression_ratio` divide by the done rows and by `bytes_on_disk`.
     """
     path = os.fspath(path)
-    group = _open_group(path, "r")
-    meta = _read_meta(group, path)
+    group = open_group(path, "r")
+    meta = read_meta(group, path)
     reader = CacheReader(path=path, group=group, meta=meta)
     done_count = reader.done_count
     arrays: dict[str, dict[str, Any]] = {}
-    for name, array in reader._arrays.items():
+    for name, array in reader.arrays.items():
         rows = len(reader) if name in ("prev_index", "sample_token") else done_count
         logical = rows * math.prod(array.shape[1:]) * array.dtype.itemsize
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "chunks": list(array.chunks),
                         "shards": list(array.shards) if array.shards else None,
                         "bytes_on_disk": int(array.nbytes_stored()), "uncompressed_bytes": int(logical)}
-    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) + int(sync(group.store_path.store.getsize("zarr.json")))
+    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) + stored_size(group, "zarr.json")
     uncompressed = sum(a["uncompressed_bytes"] for a in arrays.values())
-    counts = reader.box_counts()[reader._done]
+    counts = reader.box_counts()[reader.done]
     boxes = None if not len(counts) else {
         "mean": float(counts.mean()), "min": int(counts.min()), "max": int(counts.max()),
         "rows_without_boxes": int((counts == 0).sum()), "capacity": meta.box_capacity}

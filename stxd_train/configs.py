@@ -257,9 +257,11 @@ class TeacherDataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "global augmentation"})
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0 or not self.train_splits:
-            raise ConfigError(f"teacher data: found batch_size {self.batch_size}, num_workers {self.num_workers}, "
-                              f"train_splits {self.train_splits}; expected >= 1, >= 0 and at least one split")
+        require("teacher data", [
+            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
+            (self.num_workers >= 0, "num_workers", self.num_workers, ">= 0"),
+            (bool(self.train_splits), "train_splits", self.train_splits, "at least one split"),
+        ])
 
 
 @dataclass(frozen=True, kw_only=True)

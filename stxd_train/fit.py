@@ -8,7 +8,6 @@ A run folder holds `config.yaml` (the resolved run config, with the dataset and 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,7 +192,6 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     data_note = "" if not cfg.distill.enabled else (
         f"its teacher records come from the cache {cache}: check them with `stxd-cache verify {cache}`"
         if cache is not None else f"its teacher records come from the live teacher {teacher_online}")
-    start = time.perf_counter()
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out,
                       max_steps=tc.max_steps, hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp,
                       seed=tc.seed, data_note=data_note)
@@ -202,7 +200,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     if is_main_process():
         # A resume that trains no step (a finished run resumed to rewrite student.pt) keeps the time that trained it.
         if trainer.step > trainer.start_step or not seconds.is_file():
-            atomic_write_text(seconds, f"{time.perf_counter() - start:.1f}\n")
+            atomic_write_text(seconds, f"{trainer.train_seconds:.1f}\n")
         adapter = getattr(model.module if world_size() > 1 else model, "adapter", None)
         save_checkpoint(path, {"config": to_dict(mc), "state_dict": student.state_dict(),
                                "adapter": None if adapter is None else adapter.state_dict()})

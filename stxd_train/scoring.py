@@ -82,6 +82,7 @@ def evaluate_run(run: str | Path, *, split: str | None = None, device: str = "au
     from pipelines.evaluation import evaluate
     from stxd_train.curves import plot_training_curves
     from stxd_train.engine import atomic_write_text
+    from stxd_train.engine.hooks import read_sources
 
     found = predict(run, split=split, device=device, dataroot=dataroot, scoring=True)
     run, split = found.run, found.split
@@ -93,6 +94,7 @@ def evaluate_run(run: str | Path, *, split: str | None = None, device: str = "au
     seconds = run / "train_seconds.txt"
     if seconds.is_file():
         metrics["train_seconds"] = float(seconds.read_text())
+    metrics["trained_by"] = read_sources(run)
     log_scores(run, split, metrics)
     again = f"then score the run again with `stxd-train eval --run {run} --split {split}`"
     text = json.dumps(metrics, indent=2)

@@ -7,7 +7,6 @@ checkpoint that `stxd-cache extract --teacher` reads.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,6 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     hooks = [RunConfigHook(config=run_config),
              MetricsHook(every=tc.log_every), CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints),
              ProgressHook()]
-    start = time.perf_counter()
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out,
                       max_steps=tc.max_steps, hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp,
                       seed=tc.seed)
@@ -91,7 +89,7 @@ def train_teacher(cfg: TeacherRunConfig, *, dataroot: str, version: str, out: st
     seconds = out / "train_seconds.txt"
     # A resume that trains no step (a finished run resumed to rewrite teacher.pt) keeps the time that trained it.
     if trainer.step > trainer.start_step or not seconds.is_file():
-        atomic_write_text(seconds, f"{time.perf_counter() - start:.1f}\n")
+        atomic_write_text(seconds, f"{trainer.train_seconds:.1f}\n")
     path = out / "teacher.pt"
     with write_errors(path):
         save_teacher(teacher, cfg.model, path)

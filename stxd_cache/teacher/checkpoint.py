@@ -19,13 +19,9 @@ from typing import Any
 import torch
 
 from pipelines.config import from_dict, to_dict
-from pipelines.errors import StxdError, torch_load_reason
+from pipelines.errors import CheckpointError, torch_load_reason
 
 NATIVE_FORMAT = "stxd-teacher/1"
-
-
-class CheckpointError(StxdError):
-    """A teacher checkpoint that is missing, unreadable, or does not fit the architecture."""
 
 
 @dataclass(frozen=True)

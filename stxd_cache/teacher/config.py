@@ -306,6 +306,7 @@ class AugmentConfig:
     scale: tuple[float, float] = field(default=(0.95, 1.05), metadata={"help": "global scaling range"})
 
     def __post_init__(self) -> None:
-        if self.rotation < 0 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(f"augment: found rotation {self.rotation}, scale {self.scale}; expected rotation "
-                              ">= 0 and 0 < scale[0] <= scale[1]")
+        require("teacher augment", [
+            (self.rotation >= 0, "rotation", self.rotation, ">= 0 (radians)"),
+            (0 < self.scale[0] <= self.scale[1], "scale", self.scale, "0 < scale[0] <= scale[1]"),
+        ])

@@ -84,7 +84,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from stxd_cache.teacher.checkpoint import CheckpointError
+from pipelines.errors import CheckpointError
 from stxd_cache.teacher.sparse_encoder import SparseBasicBlock, spconv
 
 Kind = Literal["copy", "sparse_kernel", "deconv1x1_as_conv", "head_rows", "fold_bias"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from pipelines.errors import StxdError, torch_load_reason
+from pipelines.errors import CheckpointError, torch_load_reason
 from stxd_train.configs import RUN_KEYS, load_run_config  # noqa: F401  (re-exported)
 from stxd_train.engine.distributed import is_main_process
 
@@ -32,10 +32,6 @@ RESUME_ADVICE = ("then continue the run with the same command and --resume: it s
                  "checkpoint, checkpoints/last.pt, which a failed write leaves as it was")
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 T = TypeVar("T")
-
-
-class CheckpointError(StxdError):
-    """A checkpoint is missing, unreadable, or does not match the run that loads it."""
 
 
 class CheckpointWriteError(CheckpointError):

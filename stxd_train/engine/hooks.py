@@ -204,8 +204,14 @@ class ProgressHook(HookBase):
             self._bar = None
 
 
+#: One line per training session of a run (a fresh start or a resume): the step it started from and the commit of
+#: the code that trained it (`pipelines.evaluation.source_revision`).
+SOURCES_FILE = "sources.jsonl"
+
+
 class RunConfigHook(HookBase):
-    """Writes the resolved run config to `out_dir/config.yaml` when training starts.
+    """Writes the resolved run config to `out_dir/config.yaml` when training starts, and appends the step it starts
+    from and the code's commit to `out_dir/sources.jsonl`.
 
     As a hook it runs after the trainer has checked the folder (a fresh run never overwrites the
     config of an existing one) and after a resume has loaded its checkpoint.
@@ -216,4 +222,15 @@ class RunConfigHook(HookBase):
 
     def before_train(self) -> None:
         if is_main_process():
-            save_run_config(self.trainer.out_dir, self.config)
+            from pipelines.evaluation import source_revision
+
+            out = self.trainer.out_dir
+            save_run_config(out, self.config)
+            with open(out / SOURCES_FILE, "a") as f:
+                f.write(json.dumps({"start_step": self.trainer.step, **source_revision()}) + "\n")
+
+
+def read_sources(run: Path) -> list[dict[str, Any]]:
+    """The training sessions that `RunConfigHook` recorded in `run` (empty for a run trained before it did)."""
+    path = run / SOURCES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

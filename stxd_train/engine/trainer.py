@@ -139,6 +139,8 @@ class Trainer:
         """Global gradient norm before clipping (None without clipping)."""
         self.step_time = 0.0
         self.data_time = 0.0
+        self._seconds_before = 0.0
+        self._started = time.perf_counter()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -158,6 +160,7 @@ class Trainer:
                                     "(--resume) or choose a new output folder")
             seed_everything(self.seed + rank())
         self.start_step = self.step
+        self._started = time.perf_counter()
         self.model.train()
         for hook in self.hooks:
             hook.before_train()
@@ -168,6 +171,13 @@ class Trainer:
             self._after_train(failed=True)
             raise
         self._after_train(failed=False)
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall-clock seconds spent on the steps done so far, over every resume: the time saved in the checkpoint
+        that `train` resumed from plus this call's. Time after a run's last checkpoint that a kill lost is not
+        counted (those steps are trained again, and counted then)."""
+        return self._seconds_before + time.perf_counter() - self._started
 
     def _after_train(self, *, failed: bool) -> None:
         """Every hook's `after_train`, even when one raises (bars closed, files flushed); the first error is raised
@@ -304,6 +314,7 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "sampler": None if sampler is None else sampler.state_dict(),
             "rng": all_gather_object(capture_rng_state()),
+            "train_seconds": self.train_seconds,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -325,6 +336,8 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.iter_in_epoch = int(state["step"]), int(state["epoch"]), int(state["iter_in_epoch"])
+        # Checkpoints written before the trainer saved its time have none: their steps count as 0 s.
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         sampler = self.batch_sampler
         if sampler is not None and state["sampler"] is not None:
             sampler.load_state_dict(state["sampler"])

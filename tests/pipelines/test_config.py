@@ -58,3 +58,23 @@ def test_missing_file_and_synth_validation(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     for name in ("synth.yaml", "synth_tiny.yaml"):
         load_config(SynthConfig, repo / "configs" / "data" / name)
+
+
+def test_every_config_checks_with_require() -> None:
+    """The config dataclasses that used to check by hand name the field, the value and what is expected."""
+    from stxd_cache.schema import CacheLayout
+    from stxd_cache.teacher.config import AugmentConfig
+    from stxd_train.configs import TeacherDataConfig
+
+    cases = [
+        (lambda: TeacherDataConfig(batch_size=0), "teacher data field `batch_size`: found 0, expected >= 1"),
+        (lambda: TeacherDataConfig(train_splits=()), "teacher data field `train_splits`: found (), expected at least"),
+        (lambda: AugmentConfig(rotation=-1.0), "teacher augment field `rotation`: found -1.0, expected >= 0"),
+        (lambda: AugmentConfig(scale=(1.1, 1.0)), "teacher augment field `scale`: found (1.1, 1.0), expected 0 <"),
+        (lambda: CacheLayout(rows_per_shard=0), "cache layout field `rows_per_shard`: found 0, expected >= 1"),
+        (lambda: CacheLayout(zstd_level=10), "cache layout field `zstd_level`: found 10, expected 1..9"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ConfigError) as err:
+            make()
+        assert message in str(err.value)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipelines.boxes import encode_boxes
+from pipelines.errors import CheckpointError
 from stxd_cache.teacher import (
     BackboneConfig,
     DecodeConfig,
@@ -27,7 +28,7 @@ from stxd_cache.teacher import (
     VoxelConfig,
     build_teacher,
 )
-from stxd_cache.teacher.checkpoint import CheckpointError, load_state_strict, load_teacher, load_teacher_config
+from stxd_cache.teacher.checkpoint import load_state_strict, load_teacher, load_teacher_config
 from stxd_cache.teacher.convert import (
     OPENPCDET_IGNORED_KEYS,
     from_mmdet3d,

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.errors import CheckpointError
 from pipelines.grid import resample
 from pipelines.lidar import load_sweeps
 from stxd_cache.extract import extract
 from stxd_cache.store import open_cache
-from stxd_cache.teacher.checkpoint import CheckpointError
 from stxd_cache.verify import verify
 from tiny import BIN, CACHE, TINY_TEACHER, cache_arrays
 from tiny import extract_job as _job

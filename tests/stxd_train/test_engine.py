@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +38,7 @@ from stxd_train.engine import (
     init_from_env,
     load_checkpoint,
     rank,
+    save_checkpoint,
     save_run_config,
     seed_everything,
     to_device,
@@ -136,9 +138,17 @@ def test_resume_is_exact(tmp_path: Path) -> None:
         make_trainer(a, max_steps=20, hooks=[CheckpointHook(every=5, keep_steps=True), MetricsHook(), rec_a]).train()
         b = tmp_path / "b"
         make_trainer(b, max_steps=10, horizon=20, hooks=[CheckpointHook(every=5), MetricsHook()]).train()
+        # The checkpoint carries the training time so far; a resume adds its own to it.
+        state = load_checkpoint(b / "checkpoints/last.pt")
+        assert state["train_seconds"] > 0
+        save_checkpoint(b / "checkpoints/last.pt", {**state, "train_seconds": 1000.0})
         data, rec_b = ToyData(), Recorder()
         trainer = make_trainer(b, max_steps=20, data=data, hooks=[CheckpointHook(every=5), MetricsHook(), rec_b])
+        start = time.perf_counter()
         trainer.train(resume=True)
+        resumed = time.perf_counter() - start
+    assert 1000.0 < trainer.train_seconds <= 1000.0 + resumed
+    assert 1000.0 < load_checkpoint(b / "checkpoints/last.pt")["train_seconds"] <= trainer.train_seconds
     assert sorted(rec_b.losses) == list(range(11, 21))
     assert all(rec_b.losses[s] == rec_a.losses[s] for s in range(11, 21))
     assert read_metrics(a) == [{**r, "step_time": ra["step_time"], "data_time": ra["data_time"]}

@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipelines.config import read_yaml
+from pipelines.evaluation import source_revision
 from stxd_train.cli import main
 from tiny import cli_error
 
@@ -53,6 +54,9 @@ def test_train_resume_and_evaluate(synth_root: Path, tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "synth_val" and 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["NDS"] <= 1.0
     assert set(metrics["per_class_AP"]) >= {"car", "pedestrian"}
+    # Each training session (the first 3 steps, the resume from step 3) recorded the code's commit.
+    source = source_revision()
+    assert metrics["trained_by"] == [{"start_step": 0, **source}, {"start_step": 3, **source}]
     evaluated = subprocess.run([str(BIN / "stxd-train"), "eval", "--run", str(run), "--device", "cpu"],
                                capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
