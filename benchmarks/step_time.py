@@ -53,8 +53,8 @@ def _build(mode: str, opts: dict[str, Any], batches: int) -> tuple[Any, list[Any
     from stxd_cache.store import open_cache
     from stxd_train.data import CameraDataset, collate
     from stxd_train.distiller import Distiller
-    from stxd_train.engine import to_device
-    from stxd_train.fit import StudentLoss, StudentRunConfig, build_online_teacher
+    from stxd_train.engine import DetectorLoss, to_device
+    from stxd_train.fit import StudentRunConfig, build_online_teacher
     from stxd_train.students.registry import build_student
 
     device = torch.device(opts["device"])
@@ -66,7 +66,7 @@ def _build(mode: str, opts: dict[str, Any], batches: int) -> tuple[Any, list[Any
     student = build_student(cfg.model)
     online = None
     if mode == "student":
-        model = StudentLoss(student)
+        model = DetectorLoss("student", student)
     else:
         meta = open_cache(opts["cache"]).meta
         if mode == "online":

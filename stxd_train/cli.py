@@ -44,17 +44,20 @@ def _run_options(example: str) -> Callable[[Callable[..., None]], Callable[..., 
               help="Score the trained teacher on the val split with DetectionEval.")
 def teacher(config_path: str, dataroot: str, version: str, out: str, overrides: tuple[str, ...], resume: bool,
             device: str, run_eval: bool) -> None:
-    """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`."""
+    """Train the CenterPoint LiDAR teacher; writes RUN/teacher.pt for `stxd-cache extract`. Under torchrun, one
+    process per device (gloo on CPU, nccl on GPU)."""
     from stxd_train.configs import TeacherRunConfig, load_run_config
 
     cfg = load_run_config(TeacherRunConfig, config_path, overrides, kind="teacher")   # checked before torch loads
+    from stxd_train.engine import is_main_process
     from stxd_train.scoring import evaluate_run
     from stxd_train.teacher import train_teacher
 
     path = train_teacher(cfg, dataroot=dataroot, version=version, out=out, resume=resume, device=device)
-    click.echo(f"teacher written to {path}")
-    if run_eval:
-        _print_metrics(evaluate_run(out, device=device))
+    if is_main_process():
+        click.echo(f"teacher written to {path}")
+        if run_eval:
+            _print_metrics(evaluate_run(out, device=device))
 
 
 @main.command()

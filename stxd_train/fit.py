@@ -19,24 +19,12 @@ from pipelines.config import from_dict, to_dict
 from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.configs import StudentDataConfig, StudentRunConfig  # noqa: F401  (re-exported)
-from stxd_train.data import CameraBatch
 from stxd_train.distiller import Distiller, DistillStepHook
-from stxd_train.engine import RUN_KEYS
+from stxd_train.engine import RUN_KEYS, DetectorLoss
 from stxd_train.students.config import StudentConfig
 
 #: What `fit` writes when training ends, besides the checkpoints.
 STUDENT_FILE = "student.pt"
-
-
-class StudentLoss(nn.Module):
-    """The engine's model protocol for a student: a batch in, its weighted loss terms out."""
-
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, batch: CameraBatch) -> dict[str, torch.Tensor]:
-        return self.student.loss(self.student(batch), batch.gt_boxes, batch.gt_labels)
 
 
 def run_config(saved: dict[str, Any], where: str) -> StudentRunConfig:
@@ -78,7 +66,7 @@ def open_student_cache(path: str, cfg: StudentConfig) -> Any:
 def _training_model(cfg: StudentRunConfig, student: nn.Module, reader: Any, online: Any) -> nn.Module:
     """The engine's model: the student alone, or a `Distiller` fed by the cache or by the online teacher."""
     if not cfg.distill.enabled:
-        return StudentLoss(student)
+        return DetectorLoss("student", student)
     if reader is not None:
         meta = reader.meta
         return Distiller(student=student, cfg=cfg.distill, teacher_grid=meta.grid, teacher_channels=meta.channels,
@@ -96,31 +84,18 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     computes them at every step with the cache layout `cache_config` (default: `ExtractConfig()`);
     `trust_checkpoint` lets that checkpoint be fully unpickled (which can run code).
     """
-    from torch.utils.data import DataLoader
-
-    from pipelines.device import resolve_device
     from pipelines.nuscenes import SampleIndex
     from pipelines.paths import check_output_path
     from stxd_train.data import CameraDataset, collate, join_cache
     from stxd_train.engine import (
-        CheckpointHook,
-        MetricsHook,
-        ProgressHook,
-        ResumableSampler,
-        RunConfigHook,
-        Trainer,
         atomic_write_text,
-        build_optimizer,
-        build_scheduler,
-        check_run_config,
-        init_from_env,
         is_main_process,
-        loader_generator,
-        rank,
         save_checkpoint,
         seed_everything,
-        seed_worker,
-        world_size,
+        start_run,
+        train_run,
+        training_device,
+        unwrap_model,
     )
     from stxd_train.students.registry import build_student
 
@@ -131,10 +106,8 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     config = run_record(cfg, dataroot=dataroot, version=version, cache=cache, teacher_online=teacher_online,
                         cache_config=cache_config)
     layout = cache_config or ExtractConfig()
-    if resume:
-        check_run_config(out, config)
-    distributed_device = init_from_env()
-    dev = distributed_device if world_size() > 1 else resolve_device(device)
+    start_run(out, config, resume=resume)
+    dev = training_device(device)
     seed_everything(tc.seed)
     reader = open_student_cache(cache, mc) if cache is not None else None
     online = None
@@ -165,10 +138,6 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
                           f"step; its teacher decodes no object above its own decode.score_threshold: train the "
                           f"teacher longer (`stxd-cache info {cache}` shows the boxes per row), or leave rd out of "
                           "distill.terms")
-    sampler = ResumableSampler(len(dataset), batch_size=dc.batch_size, shuffle=True, seed=tc.seed, drop_last=True,
-                               rank=rank(), world_size=world_size(), tag_epoch=True)
-    data = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
-                      worker_init_fn=seed_worker, generator=loader_generator(tc.seed), persistent_workers=False)
     student = build_student(mc)
     if mc.load_from and not resume:   # a resumed run restores its own weights from the checkpoint
         from stxd_train.students.pretrained import load_from
@@ -179,29 +148,18 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
             print(text, flush=True)
             out.mkdir(exist_ok=True)
             atomic_write_text(out / "load_from.txt", text + "\n")
-    model = _training_model(cfg, student, reader, online).to(dev)
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
-    hooks = [RunConfigHook(config=config), MetricsHook(every=tc.log_every),
-             CheckpointHook(every=tc.checkpoint_every, keep_steps=tc.keep_checkpoints), ProgressHook()]
-    if cfg.distill.enabled:
-        hooks.append(DistillStepHook())   # the step of the distillation warm-up
     # Where a non-finite loss may come from besides the images and boxes: the teacher's records.
     data_note = "" if not cfg.distill.enabled else (
         f"its teacher records come from the cache {cache}: check them with `stxd-cache verify {cache}`"
         if cache is not None else f"its teacher records come from the live teacher {teacher_online}")
-    trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, data=data, out_dir=out,
-                      max_steps=tc.max_steps, hooks=hooks, device=dev, grad_clip=cfg.optim.grad_clip, amp=tc.amp,
-                      seed=tc.seed, data_note=data_note)
-    trainer.train(resume=resume)
-    path, seconds = out / STUDENT_FILE, out / "train_seconds.txt"
+    trainer = train_run(_training_model(cfg, student, reader, online), dataset, collate=collate, out=out,
+                        run_config=config, train=tc, optim=cfg.optim, batch_size=dc.batch_size,
+                        num_workers=dc.num_workers, device=dev, resume=resume,
+                        hooks=[DistillStepHook()] if cfg.distill.enabled else [],   # the distillation warm-up's step
+                        data_note=data_note)
+    path = out / STUDENT_FILE
     if is_main_process():
-        # A resume that trains no step (a finished run resumed to rewrite student.pt) keeps the time that trained it.
-        if trainer.step > trainer.start_step or not seconds.is_file():
-            atomic_write_text(seconds, f"{trainer.train_seconds:.1f}\n")
-        adapter = getattr(model.module if world_size() > 1 else model, "adapter", None)
+        adapter = getattr(unwrap_model(trainer.model), "adapter", None)
         save_checkpoint(path, {"config": to_dict(mc), "state_dict": student.state_dict(),
                                "adapter": None if adapter is None else adapter.state_dict()})
     return path

@@ -1,6 +1,7 @@
 """A small training loop with hooks, shared by the LiDAR teacher and the camera students.
 
-Wiring (the caller turns configs into objects once; the loop never sees a config)::
+`recipe.train_run` is the one wiring that both use (torchrun-aware); spelled out, it is (the caller turns configs
+into objects once; the loop never sees a config)::
 
     seed_everything(train_cfg.seed)
     device = init_from_env()
@@ -39,6 +40,7 @@ from stxd_train.engine.checkpoint import (
     write_errors,
 )
 from stxd_train.engine.distributed import (
+    barrier,
     init_from_env,
     is_main_process,
     rank,
@@ -48,6 +50,7 @@ from stxd_train.engine.distributed import (
 )
 from stxd_train.engine.hooks import CheckpointHook, HookBase, MetricsHook, ProgressHook, RunConfigHook
 from stxd_train.engine.optim import OptimConfig, build_optimizer, build_scheduler
+from stxd_train.engine.recipe import TRAIN_SECONDS_FILE, DetectorLoss, start_run, train_run, training_device
 from stxd_train.engine.sampler import (
     ResumableSampler,
     deterministic,
@@ -59,9 +62,11 @@ from stxd_train.engine.trainer import NonFiniteLossError, TrainConfig, Trainer, 
 
 __all__ = [
     "RUN_KEYS",
+    "TRAIN_SECONDS_FILE",
     "CheckpointError",
     "CheckpointHook",
     "CheckpointWriteError",
+    "DetectorLoss",
     "HookBase",
     "MetricsHook",
     "NonFiniteLossError",
@@ -74,6 +79,7 @@ __all__ = [
     "TrainingError",
     "atomic_write",
     "atomic_write_text",
+    "barrier",
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
@@ -92,7 +98,10 @@ __all__ = [
     "save_run_config",
     "seed_everything",
     "seed_worker",
+    "start_run",
     "to_device",
+    "train_run",
+    "training_device",
     "unwrap_model",
     "world_size",
     "write_errors",

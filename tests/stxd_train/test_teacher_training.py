@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from pipelines.config import read_yaml
 from pipelines.evaluation import source_revision
 from stxd_train.cli import main
+from stxd_train.engine.hooks import read_sources
 from tiny import cli_error
 
 BIN = Path(sys.executable).parent
@@ -85,3 +87,33 @@ def test_the_resume_advice_works_when_followed(synth_root: Path, tmp_path: Path)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     saved = read_yaml(run / "config.yaml")
     assert saved["kind"] == "teacher" and saved["train"]["max_steps"] == 2
+
+
+def _teacher_run(tmp_path: Path, synth_root: Path, name: str, nproc: int, batch: int) -> Path:
+    """A 2-step tiny teacher run of `nproc` torchrun processes (gloo) with `batch` samples per process."""
+    config = _tiny_run_config(tmp_path)
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "stxd_train.cli", "teacher", "--config", str(config), "--dataroot", str(synth_root), "--version",
+           "v1.0-synth", "--out", str(out), "--no-eval", "--set", "train.max_steps=2", "--set",
+           "train.checkpoint_every=2", "--set", f"data.batch_size={batch}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_torchrun_trains_the_teacher(synth_root: Path, tmp_path: Path) -> None:
+    """2 gloo ranks × batch 1 against 1 process × batch 2 (the same samples per step): the all-reduced losses agree
+    within the BatchNorm statistics' difference, only rank 0 writes, and the teacher it writes loads."""
+    from stxd_cache.teacher.checkpoint import load_teacher
+
+    single, ddp = (_teacher_run(tmp_path, synth_root, "single", 1, 2), _teacher_run(tmp_path, synth_root, "ddp", 2, 1))
+    a, b = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (single, ddp))
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    gaps = [abs(y["loss"] - x["loss"]) / x["loss"] for x, y in zip(a, b, strict=True)]
+    print("teacher DDP vs 1 process, relative loss gap per step:", ", ".join(f"{100 * g:.2f} %" for g in gaps))
+    assert max(gaps) < 0.05, (a, b)
+    assert len(list((ddp / "checkpoints").glob("*.pt"))) == 1 and len(read_sources(ddp)) == 1
+    weights = [load_teacher(run / "teacher.pt").model.state_dict() for run in (single, ddp)]
+    assert weights[0].keys() == weights[1].keys() and all(v.isfinite().all() for v in weights[1].values())
