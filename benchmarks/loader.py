@@ -52,12 +52,13 @@ def main(dataroot: str, version: str, cache: str, config: str, terms: str, batch
     from pipelines.config import load_config
     from pipelines.nuscenes import SampleIndex
     from stxd_train.data import CameraDataset
-    from stxd_train.fit import StudentRunConfig
+    from stxd_train.fit import StudentRunConfig, open_training_cache
 
     cfg = load_config(StudentRunConfig, config, [f"distill.terms=[{terms}]"])
     index = SampleIndex.load(dataroot, version, cfg.data.train_splits, k_prev=cfg.model.queue, max_sweeps=10)
     dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                            augment=cfg.data.augment, cache_path=cache, gt_iou="rd" in terms.split(","))
+                            augment=cfg.data.augment, cache=open_training_cache(cache, grid=cfg.model.grid),
+                            cache_k=cfg.distill.k, gt_iou="rd" in terms.split(","))
     b = cfg.data.batch_size
     rates: dict[int, list[float]] = {w: [] for w in (0, 1, 2)}
     for r in range(rounds):

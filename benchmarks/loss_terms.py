@@ -36,7 +36,7 @@ def main(repeats: int, **opts: Any) -> None:
     opts.update(terms=",".join(TERMS), device="cpu", steps=1, rounds=0)
     model, batches, _, _ = _build("cached", opts, 8)
     batch = batches[-1]   # samples 14 and 15 of the split: every one of their K past frames exists
-    valid = int(batch.cache["past_valid"][:, :opts["k"]].sum())
+    valid = int(batch.cache.past_valid[:, :opts["k"]].sum())
     out = model.student(batch)
     bev = out.bev.detach().requires_grad_(True)
     preds = [{name: t.detach().requires_grad_(True) for name, t in task.items()} for task in out.preds]

@@ -54,7 +54,7 @@ def _build(mode: str, opts: dict[str, Any], batches: int) -> tuple[Any, list[Any
     from stxd_train.data import CameraDataset, collate
     from stxd_train.distiller import Distiller
     from stxd_train.engine import DetectorLoss, to_device
-    from stxd_train.fit import StudentRunConfig, build_online_teacher
+    from stxd_train.fit import StudentRunConfig, build_online_teacher, open_training_cache
     from stxd_train.students.registry import build_student
 
     device = torch.device(opts["device"])
@@ -76,7 +76,8 @@ def _build(mode: str, opts: dict[str, Any], batches: int) -> tuple[Any, list[Any
                           token_grid=meta.token_grid, k_max=meta.k_max, online=online)
     model = model.to(device)
     dataset = CameraDataset(index, image_size=cfg.data.image_size, grid=cfg.model.grid, queue=cfg.model.queue,
-                            cache_path=opts["cache"] if mode == "cached" else None,
+                            cache=open_training_cache(opts["cache"], grid=cfg.model.grid) if mode == "cached" else None,
+                            cache_k=opts["k"],
                             lidar=online.frames if online is not None else None)
     b = cfg.data.batch_size
     loaded, loads = [], []

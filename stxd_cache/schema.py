@@ -383,9 +383,10 @@ class CacheRecord:
     tokens: np.ndarray
     """(T, C) float32, T = P·P pooled BEV tokens."""
     past_tokens: np.ndarray
-    """(K_max, T, C) float32 tokens of the k-th previous keyframe, zeros where `past_valid` is False."""
+    """(K, T, C) float32 tokens of the k-th previous keyframe (K: the `k` of `CacheReader.read`, K_max by default),
+    zeros where `past_valid` is False."""
     past_valid: np.ndarray
-    """(K_max,) bool."""
+    """(K,) bool."""
     boxes: np.ndarray
     """(M, 9) float32 teacher boxes by descending score; rows >= count are zero."""
     scores: np.ndarray
@@ -405,6 +406,14 @@ def pool_tokens(bev: np.ndarray, token_grid: int) -> np.ndarray:
     blocks = np.asarray(bev, dtype=np.float64).reshape(*lead, c, p, h // p, p, w // p)
     pooled = blocks.mean(axis=(-3, -1)).reshape(*lead, c, p * p)
     return np.swapaxes(pooled, -1, -2).astype(np.float32)
+
+
+def bev_tokens(bev: Any, token_grid: int) -> Any:
+    """The torch form of `pool_tokens`: a (B, C, H, W) tensor → (B, P·P, C) means of P×P blocks in the same token
+    order, differentiable (TD pools the student's adapted BEV with it); H and W must be multiples of P."""
+    import torch.nn.functional as F
+
+    return F.adaptive_avg_pool2d(bev, token_grid).flatten(2).transpose(1, 2)
 
 
 def quantise_int8(bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,7 +29,57 @@ from stxd_train.distill.response import DEFAULT_MATCH, GTMatch, best_gt_iou
 if TYPE_CHECKING:
     from stxd_cache.schema import CacheRecord
     from stxd_cache.store import CacheReader
-    from stxd_train.online import LidarFrames
+
+
+@dataclass(frozen=True)
+class LidarFrames:
+    """What a dataset loads for an online teacher: the keyframe and `k` previous keyframes."""
+
+    k: int
+    num_sweeps: int
+    point_range: tuple[float, ...]
+
+
+def load_frames(sample_frames: Sequence[SampleInfo | None], frames: LidarFrames) -> list[np.ndarray | None]:
+    """Points of the keyframe and its previous keyframes (None where missing), each in its own LiDAR frame."""
+    from pipelines.lidar import load_sweeps
+
+    return [None if s is None else load_sweeps(s, num_sweeps=frames.num_sweeps, point_range=frames.point_range)
+            for s in sample_frames]
+
+
+@dataclass(frozen=True)
+class TeacherBatch:
+    """The teacher's records of a batch of B samples, read from the cache (`collate`) or computed by a live teacher
+    (`stxd_train.online.OnlineTeacher.records`); what the distillation losses consume. M: boxes per sample (the
+    cache's box capacity), K: past frames, P: token grid, C: teacher channels."""
+
+    bev: torch.Tensor
+    """(B, C, H, W) teacher BEV on the distillation grid."""
+    tokens: torch.Tensor
+    """(B, P·P, C) the BEV's P×P block means (`stxd_cache.schema.pool_tokens`)."""
+    past_tokens: torch.Tensor
+    """(B, K, P·P, C) tokens of the previous keyframes, nearest first; zeros where `past_valid` is False."""
+    past_valid: torch.Tensor
+    """(B, K) bool: the past frame exists."""
+    boxes: torch.Tensor
+    """(B, M, 9) teacher boxes [x, y, z, w, l, h, yaw, vx, vy] by descending score, zero padded."""
+    scores: torch.Tensor
+    """(B, M) their scores."""
+    labels: torch.Tensor
+    """(B, M) int64 class indices."""
+    probs: torch.Tensor
+    """(B, M, classes) their class probabilities."""
+    count: torch.Tensor
+    """(B,) int64 real boxes per sample (the rest is padding)."""
+    iou: torch.Tensor | None = None
+    """(B, M) each box's BEV IoU with its matched GT box, computed in the loader for RD's quality; None when RD is
+    off or the records come from a live teacher (the quality is computed in the step then)."""
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, M) bool: the box is real, not padding."""
+        return torch.arange(self.boxes.shape[1], device=self.count.device)[None, :] < self.count[:, None]
 
 
 @dataclass(frozen=True)
@@ -71,10 +121,8 @@ class CameraBatch:
     frame_valid: torch.Tensor   # (B, F) bool
     gt_boxes: list[torch.Tensor]
     gt_labels: list[torch.Tensor]
-    cache: dict[str, torch.Tensor] | None = None
-    """Stacked cache fields (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`, `scores`, `labels`,
-    `probs`, `count`) and, for RD, the boxes' best GT IoU `iou`, each with a leading batch axis; None without a
-    cache."""
+    cache: TeacherBatch | None = None
+    """The samples' cache records, stacked; None without a cache."""
     points: list[tuple[torch.Tensor | None, ...]] | None = None
     """Per sample, the online teacher's LiDAR frames (see `CameraSample.points`); None without one."""
 
@@ -88,8 +136,8 @@ class CameraDataset(Dataset[CameraSample]):
 
     def __init__(self, index: SampleIndex, *, image_size: tuple[int, int], grid: BEVGrid, queue: int = 0,
                  augment: CameraAugmentConfig | None = None, seed: int = 0, min_points: int = 1,
-                 cache_path: str | None = None, gt_iou: bool = True, gt_match: GTMatch = DEFAULT_MATCH,
-                 lidar: LidarFrames | None = None) -> None:
+                 cache: CacheReader | None = None, cache_k: int | None = None, gt_iou: bool = True,
+                 gt_match: GTMatch = DEFAULT_MATCH, lidar: LidarFrames | None = None) -> None:
         """
         Args:
             index: the samples; built with `k_prev >= queue`.
@@ -99,7 +147,9 @@ class CameraDataset(Dataset[CameraSample]):
             augment: training augmentation, or None.
             seed: augmentation seed.
             min_points: GT boxes with fewer LiDAR points are not targets.
-            cache_path: a complete teacher cache that holds every sample of `index`.
+            cache: the teacher cache, opened and checked for training (`stxd_train.fit.open_training_cache`); it
+                must hold every sample of `index` and link them to the dataset's previous keyframes.
+            cache_k: past frames read from the cache per sample (the distillation's `k`; default: all it links).
             gt_iou: with a cache, compute each teacher box's best GT IoU (`cache_iou`, for RD) in the loader.
             gt_match: how `cache_iou` matches teacher and GT boxes (the distill config's `gt_match`).
             lidar: LiDAR frames to load for an online teacher (the index needs `k_prev >= lidar.k`).
@@ -113,7 +163,8 @@ class CameraDataset(Dataset[CameraSample]):
         self.augment = augment
         self.seed = seed
         self.min_points = min_points
-        self.cache_path = cache_path
+        self.cache_path = None if cache is None else cache.path
+        self.cache_k = cache_k
         self.gt_iou = gt_iou
         self.gt_match = gt_match
         self.lidar = lidar
@@ -125,15 +176,16 @@ class CameraDataset(Dataset[CameraSample]):
             raise ConfigError(f"sample {short[0]} (and {len(short) - 1} more) links fewer previous keyframes than the "
                               f"{needed} this dataset loads; build the SampleIndex with k_prev >= {needed}")
         _require_images(index)
-        self._cache: CacheReader | None = None
+        self._cache = cache
         self._cache_rows: np.ndarray | None = None
-        if cache_path is not None:
-            self._cache_rows = np.asarray(join_cache(self.cache, list(index)))
-            self.cache.require_stored(self._cache_rows.tolist())
+        if cache is not None:
+            self._cache_rows = np.asarray(join_cache(cache, list(index)))
+            cache.require_stored(self._cache_rows.tolist())
 
     @property
     def cache(self) -> CacheReader:
-        """The cache reader of this process (opened on first use)."""
+        """The cache reader of this process (the one given in the main process; reopened, without the checks that
+        the main process ran, in each loader worker)."""
         if self.cache_path is None:
             raise ConfigError("this dataset has no cache")
         if self._cache is None:
@@ -189,15 +241,13 @@ class CameraDataset(Dataset[CameraSample]):
         boxes, labels = boxes[inside].astype(np.float32), labels[inside].astype(np.int64)
         record, iou = None, None
         if self._cache_rows is not None:
-            record = self.cache.read(int(self._cache_rows[i]))
+            record = self.cache.read(int(self._cache_rows[i]), k=self.cache_k)
             if self.gt_iou:
                 iou = np.zeros(len(record.boxes), np.float32)
                 iou[:record.count] = best_gt_iou(record.boxes[:record.count], boxes, record.labels[:record.count],
                                                  labels, self.gt_match)
         points = None
         if self.lidar is not None:
-            from stxd_train.online import load_frames
-
             past = [self._by_token.get(t) for t in sample.prev_tokens[:self.lidar.k]]
             past += [None] * (self.lidar.k - len(past))
             points = tuple(None if p is None else torch.from_numpy(p)
@@ -220,12 +270,10 @@ def _require_images(index: SampleIndex) -> None:
 
 
 def join_cache(cache: CacheReader, samples: Sequence[SampleInfo]) -> list[int]:
-    """Cache rows of `samples`, once the cache passes the checks that need no feature chunk: complete, consistent
-    (`CacheReader.require_consistent`), holding every sample, and linking each sample to the dataset's previous
-    keyframes (checked for the samples whose `prev_tokens` list at least the cache's `k_max`, or the whole scene).
-    Raises a `ConfigError` listing missing samples, or the cache's own errors."""
-    cache.require_complete()
-    cache.require_consistent()
+    """Cache rows of `samples` in a cache opened for training (`stxd_train.fit.open_training_cache`), once it holds
+    every sample and links each to the dataset's previous keyframes (checked for the samples whose `prev_tokens`
+    list at least the cache's `k_max`, or the whole scene). Raises a `ConfigError` listing missing samples, or the
+    cache's own errors."""
     tokens = [s.token for s in samples]
     known = set(cache.tokens)
     missing = [t for t in tokens if t not in known]
@@ -267,18 +315,20 @@ def _draw_adjust(cfg: CameraAugmentConfig | None, rng: np.random.Generator | Non
     return adjust
 
 
-_CACHE_FIELDS = ("bev", "tokens", "past_tokens", "past_valid", "boxes", "scores", "labels", "probs")
-
-
 def collate(samples: Sequence[CameraSample]) -> CameraBatch:
     """Stack a list of samples into a `CameraBatch`."""
     cache = None
     if samples[0].cache is not None:
         records = [s.cache for s in samples]
-        cache = {name: torch.from_numpy(np.stack([getattr(r, name) for r in records])) for name in _CACHE_FIELDS}
-        cache["count"] = torch.tensor([r.count for r in records], dtype=torch.int64)
-        if samples[0].cache_iou is not None:
-            cache["iou"] = torch.stack([s.cache_iou for s in samples])
+
+        def stack(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(r, name) for r in records]))
+
+        cache = TeacherBatch(
+            bev=stack("bev"), tokens=stack("tokens"), past_tokens=stack("past_tokens"), past_valid=stack("past_valid"),
+            boxes=stack("boxes"), scores=stack("scores"), labels=stack("labels"), probs=stack("probs"),
+            count=torch.tensor([r.count for r in records], dtype=torch.int64),
+            iou=None if samples[0].cache_iou is None else torch.stack([s.cache_iou for s in samples]))
     return CameraBatch(
         tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
         lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines.errors import ConfigError
 from pipelines.grid import BEVGrid, resample
+from stxd_cache.schema import bev_tokens
 from stxd_cache.teacher.center_head import boxes_from_codes, codes_from_boxes
 from stxd_train.configs import FG_MASKS, RD_SPACES, TERMS, DistillConfig  # noqa: F401  (re-exported)
 from stxd_train.distill import correlation_loss, feature_mse, quality_weights, response_loss, temporal_loss
@@ -31,13 +31,8 @@ from stxd_train.engine.distributed import unwrap_model
 from stxd_train.engine.hooks import HookBase
 
 if TYPE_CHECKING:
+    from stxd_train.data import CameraBatch, TeacherBatch
     from stxd_train.online import OnlineTeacher
-
-def bev_tokens(bev: torch.Tensor, token_grid: int) -> torch.Tensor:
-    """(B, C, H, W) → (B, P·P, C): means of P×P blocks in the cache's token order
-    (`stxd_cache.schema.pool_tokens`); H and W must be multiples of P."""
-    return F.adaptive_avg_pool2d(bev, token_grid).flatten(2).transpose(1, 2)
-
 
 def build_adapter(in_channels: int, out_channels: int, hidden: Sequence[int]) -> nn.Sequential:
     """1×1 convs from the student's channels to the teacher's, with BN and ReLU between them."""
@@ -59,6 +54,20 @@ def adapter_from_state(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return adapter
 
 
+def require_layout(cfg: DistillConfig, *, k_max: int, token_grid: int) -> int:
+    """The TD token grid P that `cfg` uses with records of `k_max` past frames and `token_grid` tokens a side (the
+    cache's layout, or the one an online teacher imitates); a `ConfigError` when `cfg.k` or `cfg.tokens` does not
+    fit them."""
+    if cfg.k > k_max:
+        raise ConfigError(f"distill.k is {cfg.k} but the cache holds {k_max} past frames (k_max); set "
+                          f"distill.k <= {k_max} or extract a cache with a larger k_max")
+    tokens = cfg.tokens or token_grid
+    if token_grid % tokens:
+        raise ConfigError(f"distill.tokens is {tokens}, which does not divide the cache's token grid "
+                          f"{token_grid}; use 0 (the cache's) or a divisor of {token_grid}")
+    return tokens
+
+
 class Distiller(nn.Module):
     """The engine's model in a distilled fit: a `CameraStudent` and its adapter; a batch with cache records in,
     detection and distillation loss terms out (`loss_cd`, `loss_td`, `loss_rd`, `loss_mse`, already weighted)."""
@@ -74,13 +83,7 @@ class Distiller(nn.Module):
             online: a live teacher that computes the records at every step instead of the cache.
         """
         super().__init__()
-        if cfg.k > k_max:
-            raise ConfigError(f"distill.k is {cfg.k} but the cache holds {k_max} past frames (k_max); set "
-                              f"distill.k <= {k_max} or extract a cache with a larger k_max")
-        tokens = cfg.tokens or token_grid
-        if token_grid % tokens:
-            raise ConfigError(f"distill.tokens is {tokens}, which does not divide the cache's token grid "
-                              f"{token_grid}; use 0 (the cache's) or a divisor of {token_grid}")
+        tokens = require_layout(cfg, k_max=k_max, token_grid=token_grid)
         if not teacher_grid.same_range(student.grid):
             raise ConfigError(f"the cache's distillation grid {teacher_grid.describe()} and the student grid "
                               f"{student.grid.describe()} cover different areas; the ranges must match")
@@ -108,7 +111,7 @@ class Distiller(nn.Module):
         grid = tokens.reshape(-1, self.token_grid, self.token_grid, c).permute(0, 3, 1, 2)
         return bev_tokens(grid, self.tokens).reshape(*lead, self.tokens**2, c)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:  # a `stxd_train.data.CameraBatch` with `cache`
+    def forward(self, batch: CameraBatch) -> dict[str, torch.Tensor]:
         if batch.cache is not None:
             record = batch.cache
         elif self.online is not None and batch.points is not None:
@@ -120,21 +123,21 @@ class Distiller(nn.Module):
         losses.update(self.distill_terms(out, record, batch.gt_boxes, batch.gt_labels))
         return losses
 
-    def distill_terms(self, out, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor],
+    def distill_terms(self, out, cache: TeacherBatch, gt_boxes: Sequence[torch.Tensor],
                       gt_labels: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The weighted distillation terms of one batch from its teacher record (the cache's fields, or the same
-        fields computed by a live teacher).
+        """The weighted distillation terms of one batch from its teacher records (read from the cache, or computed
+        by a live teacher).
 
         out: the student's `StudentOutput` (bev (B, C_s, H, W) and head maps on the student grid); gt_boxes: B
         tensors (G_i, 9) [x, y, z, w, l, h, yaw, vx, vy] in the keyframe LiDAR frame; gt_labels: B tensors (G_i,)
-        class indices, needed by a class-aware RD quality when the record has no precomputed `iou`.
+        class indices, needed by a class-aware RD quality when the records have no precomputed `iou`.
         """
         cfg, terms = self.cfg, {}
         scale = cfg.warmup_factor(self.step)
         adapted = self.adapter(out.bev) if self.adapter is not None else None             # (B, C_t, H, W)
         weights = self.cell_weights(cache, gt_boxes) if adapted is not None else None     # (B, H, W) or None
         if "cd" in cfg.terms or "mse" in cfg.terms:
-            teacher = resample(cache["bev"].to(adapted.dtype), self.teacher_grid, self.student.grid)
+            teacher = resample(cache.bev.to(adapted.dtype), self.teacher_grid, self.student.grid)
             if "cd" in cfg.terms:
                 f = teacher.permute(0, 2, 3, 1).flatten(0, 2)
                 g = adapted.permute(0, 2, 3, 1).flatten(0, 2)
@@ -148,13 +151,13 @@ class Distiller(nn.Module):
             token_weights = None if weights is None else bev_tokens(weights[:, None], self.tokens)[..., 0]
             k = cfg.k
             terms["loss_td"] = scale * cfg.alpha_td * temporal_loss(
-                self._teacher_tokens(cache["tokens"]), self._teacher_tokens(cache["past_tokens"][:, :k]),
-                student_tokens, cache["past_valid"][:, :k], tau=cfg.tau, weights=token_weights)
+                self._teacher_tokens(cache.tokens), self._teacher_tokens(cache.past_tokens[:, :k]),
+                student_tokens, cache.past_valid[:, :k], tau=cfg.tau, weights=token_weights)
         if "rd" in cfg.terms:
             terms["loss_rd"] = scale * cfg.alpha_rd * self.response_term(out, cache, gt_boxes, gt_labels)
         return terms
 
-    def cell_weights(self, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    def cell_weights(self, cache: TeacherBatch, gt_boxes: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """(B, H, W) weights of the feature terms on the student grid (`fg_mask`, `fg_background_weight`), or None
         with `fg_mask: none`. Foreground from the GT boxes or from the record's teacher boxes; the Gaussians are
         those of the student head's heatmap targets (its `gaussian_overlap` and `min_radius`)."""
@@ -166,21 +169,18 @@ class Distiller(nn.Module):
         if cfg.fg_mask == "gt":
             fg = gt_foreground(gt_boxes, self.student.grid, **shape)
         else:
-            count, m = cache["count"], cache["boxes"].shape[1]
-            valid = torch.arange(m, device=count.device)[None, :] < count[:, None]
-            fg = teacher_foreground(cache["boxes"], cache["scores"], valid.to(cache["boxes"].device),
-                                    self.student.grid, **shape)
+            fg = teacher_foreground(cache.boxes, cache.scores, cache.valid.to(cache.boxes.device), self.student.grid,
+                                    **shape)
         return cell_weights(fg, cfg.fg_background_weight)
 
-    def response_term(self, out, cache: dict[str, torch.Tensor], gt_boxes: Sequence[torch.Tensor],
+    def response_term(self, out, cache: TeacherBatch, gt_boxes: Sequence[torch.Tensor],
                       gt_labels: Sequence[torch.Tensor] | None) -> torch.Tensor:
         """RD, unweighted by alpha: the student's head read at the teacher boxes' centre cells against the boxes,
         in `rd_space`, with the quality of `gamma`, `rd_class_aware` and `rd_drop_flipped`."""
         cfg, head, grid = self.cfg, self.student.head, self.student.grid
-        boxes, labels, count = cache["boxes"], cache["labels"], cache["count"]
-        valid = torch.arange(boxes.shape[1], device=count.device)[None, :] < count[:, None]
-        student_codes, cells, student_probs, valid = head.read_codes_at(out.preds, grid, boxes, labels, valid)
-        q = quality_weights(boxes, cache["scores"], gt_boxes, gamma=cfg.gamma, valid=valid, iou=cache.get("iou"),
+        boxes, labels = cache.boxes, cache.labels
+        student_codes, cells, student_probs, valid = head.read_codes_at(out.preds, grid, boxes, labels, cache.valid)
+        q = quality_weights(boxes, cache.scores, gt_boxes, gamma=cfg.gamma, valid=valid, iou=cache.iou,
                             teacher_labels=labels, gt_labels=gt_labels, match=cfg.gt_match)
         if cfg.rd_space == "encoded":
             # The head's own targets for the teacher boxes, from the cells read: no decode of the student's codes.
@@ -191,7 +191,7 @@ class Distiller(nn.Module):
             teacher_codes = decoded_codes(boxes, used)
             student_codes = decoded_codes(boxes_from_codes(student_codes, cells, grid), used)
             code_weights = None
-        return response_loss(teacher_codes, cache["probs"], student_codes, student_probs, q, code_weights)
+        return response_loss(teacher_codes, cache.probs, student_codes, student_probs, q, code_weights)
 
 
 class DistillStepHook(HookBase):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,9 +19,14 @@ from pipelines.config import from_dict, to_dict
 from pipelines.errors import ConfigError, torch_load_reason
 from stxd_cache.extract import ExtractConfig
 from stxd_train.configs import StudentDataConfig, StudentRunConfig  # noqa: F401  (re-exported)
-from stxd_train.distiller import Distiller, DistillStepHook
+from stxd_train.distiller import Distiller, DistillStepHook, require_layout
 from stxd_train.engine import RUN_KEYS, DetectorLoss
 from stxd_train.students.config import StudentConfig
+
+if TYPE_CHECKING:
+    from pipelines.grid import BEVGrid
+    from stxd_cache.store import CacheReader
+    from stxd_train.configs import DistillConfig
 
 #: What `fit` writes when training ends, besides the checkpoints.
 STUDENT_FILE = "student.pt"
@@ -43,23 +48,27 @@ def run_record(cfg: StudentRunConfig, *, dataroot: str, version: str, cache: str
     return record
 
 
-def open_student_cache(path: str, cfg: StudentConfig) -> Any:
-    """The teacher cache at `path`, checked against the student before the first step: complete, the same
-    grid range and the same classes (its tokens are joined by `CameraDataset`)."""
+def open_training_cache(path: str | Path, *, grid: BEVGrid, distill: DistillConfig | None = None) -> CacheReader:
+    """The teacher cache at `path`, opened once for a fit and checked before the first step: complete, consistent
+    (`CacheReader.require_consistent`), the range of the student `grid`, the detection classes, and, with the
+    `distill` config of a distilled fit, room for its past frames and token grid. `CameraDataset` (or, without
+    distillation, `join_cache`) joins the training samples with it."""
+    from pipelines.classes import DETECTION_CLASSES
     from stxd_cache.store import open_cache
 
     cache = open_cache(path)
     cache.require_complete()
-    if not cache.meta.grid.same_range(cfg.grid):
+    cache.require_consistent()
+    if not cache.meta.grid.same_range(grid):
         raise ConfigError(
             f"cache {path} has the distillation grid {cache.meta.grid.describe()} but the student grid is "
-            f"{cfg.grid.describe()}; the ranges must match: set model.grid_half_extent to the cache's, or "
+            f"{grid.describe()}; the ranges must match: set model.grid_half_extent to the cache's, or "
             "extract a cache with the student's range")
-    from pipelines.classes import DETECTION_CLASSES
-
     if tuple(cache.meta.classes) != DETECTION_CLASSES:
         raise ConfigError(f"cache {path} has classes {list(cache.meta.classes)}; expected the nuScenes detection "
                           f"classes {list(DETECTION_CLASSES)}")
+    if distill is not None and distill.enabled:
+        require_layout(distill, k_max=cache.meta.k_max, token_grid=cache.meta.token_grid)
     return cache
 
 
@@ -109,7 +118,7 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     start_run(out, config, resume=resume)
     dev = training_device(device)
     seed_everything(tc.seed)
-    reader = open_student_cache(cache, mc) if cache is not None else None
+    reader = open_training_cache(cache, grid=mc.grid, distill=cfg.distill) if cache is not None else None
     online = None
     if teacher_online is not None and cfg.distill.enabled:
         online = build_online_teacher(teacher_online, layout, cfg.distill.k, dev, trust=trust_checkpoint)
@@ -123,11 +132,11 @@ def fit(cfg: StudentRunConfig, *, dataroot: str, version: str, out: str | Path, 
     if len(index) == 0:
         raise ConfigError(f"no samples in {', '.join(dc.train_splits)} of {dataroot} ({version})")
     # Records are read only when the losses use them; without distillation the join is still checked here.
-    records = cache if cfg.distill.enabled else None
+    records = reader if cfg.distill.enabled else None
     if reader is not None and records is None:
         join_cache(reader, list(index))
     dataset = CameraDataset(index, image_size=dc.image_size, grid=mc.grid, queue=mc.queue, augment=dc.augment,
-                            seed=tc.seed, min_points=dc.min_points, cache_path=records,
+                            seed=tc.seed, min_points=dc.min_points, cache=records, cache_k=cfg.distill.k,
                             gt_iou="rd" in cfg.distill.terms, gt_match=cfg.distill.gt_match,
                             lidar=None if online is None else online.frames)
     dataset[0]   # an unreadable image of the first sample fails here, before any worker starts

@@ -1,7 +1,7 @@
 """The online-teacher baseline (`stxd-train fit --teacher-online CKPT`): the frozen LiDAR teacher runs at every
 step on the current keyframe and its K previous keyframes, as BEVDistill, UVTR-L2C, DistillBEV and UniDistill
-do, and yields the same fields a cache record gives (`bev`, `tokens`, `past_tokens`, `past_valid`, `boxes`,
-`scores`, `labels`, `probs`, `count`), so the distillation losses are computed by the same code.
+do, and yields the same `TeacherBatch` that the cache's records collate into, so the distillation losses are
+computed by the same code.
 
 The fields follow extraction (`stxd_cache.extract` + `stxd_cache.schema.encode_record`): the teacher BEV is
 resampled to the distillation grid, tokens are its P×P block means, and the boxes are the top M by score.
@@ -11,23 +11,13 @@ They stay float32 where the cache stores float16 (or int8), which bounds the cac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipelines.grid import BEVGrid, resample
-from stxd_cache.schema import top_boxes
-from stxd_train.distiller import bev_tokens
-
-
-@dataclass(frozen=True)
-class LidarFrames:
-    """What a dataset loads for the online teacher: the keyframe and `k` previous keyframes."""
-
-    k: int
-    num_sweeps: int
-    point_range: tuple[float, ...]
+from stxd_cache.schema import bev_tokens, top_boxes
+from stxd_train.data import LidarFrames, TeacherBatch
 
 
 class OnlineTeacher:
@@ -49,9 +39,9 @@ class OnlineTeacher:
         return resample(out.bev.float(), self.model.bev_grid, self.grid), out
 
     @torch.no_grad()
-    def records(self, points: Sequence[Sequence[torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    def records(self, points: Sequence[Sequence[torch.Tensor | None]]) -> TeacherBatch:
         """points[b][f]: (N, 5) LiDAR points of sample b's frame f (0: the keyframe, then previous keyframes
-        nearest first; None where the frame does not exist). Returns the batch's cache fields as tensors."""
+        nearest first; None where the frame does not exist). Returns the batch's records as a cache would give them."""
         device = next(self.model.parameters()).device
         batch = len(points)
         bev, out = self._bev([p[0].to(device) for p in points])
@@ -71,14 +61,6 @@ class OnlineTeacher:
             past = bev_tokens(past_bev, self.token_grid)
             for j, (b, f) in enumerate(slots):
                 past_tokens[b, f - 1], past_valid[b, f - 1] = past[j], True
-        return {"bev": bev, "tokens": tokens, "past_tokens": past_tokens, "past_valid": past_valid, "boxes": boxes,
-                "scores": scores, "labels": labels, "probs": probs, "count": count}
-
-
-def load_frames(sample_frames: Sequence, frames: LidarFrames) -> list[np.ndarray | None]:
-    """Points of the keyframe and its previous keyframes (None where missing), each in its own LiDAR frame."""
-    from pipelines.lidar import load_sweeps
-
-    return [None if s is None else load_sweeps(s, num_sweeps=frames.num_sweeps, point_range=frames.point_range)
-            for s in sample_frames]
+        return TeacherBatch(bev=bev, tokens=tokens, past_tokens=past_tokens, past_valid=past_valid, boxes=boxes,
+                            scores=scores, labels=labels, probs=probs, count=count)
 

@@ -113,12 +113,16 @@ class CacheReader:
                 + ". Zarr would read them as zeros, so a student would learn from blank teacher records; the store is "
                 f"damaged: run `stxd-cache verify {self.path}` to list every damaged sample, then re-extract the cache")
 
-    def read(self, i: int) -> CacheRecord:
-        """Row `i` with its past frames' tokens, as float32 numpy."""
+    def read(self, i: int, *, k: int | None = None) -> CacheRecord:
+        """Row `i` with the tokens of its `k` nearest past frames (default: all `k_max` the cache links), as float32
+        numpy; only those frames are read."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range for cache {self.path} with {len(self)} samples")
+        if k is not None and not 0 <= k <= self.meta.k_max:
+            raise ValueError(f"read(k={k}): cache {self.path} links {self.meta.k_max} past frames per row (k_max); "
+                             f"expected 0 <= k <= {self.meta.k_max}")
         i %= len(self)
-        past = self._prev[i]
+        past = self._prev[i][:k]
         valid = past >= 0
         needed = [i, *past[valid].tolist()]
         damaged = [r for r in needed if not self._done_readable[r]]

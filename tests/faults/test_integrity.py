@@ -29,6 +29,7 @@ from stxd_cache.store import open_cache
 from stxd_cache.verify import verify
 from stxd_train.cli import main as train_main
 from stxd_train.data import join_cache
+from stxd_train.fit import open_training_cache
 from tiny import SPLITS, cache_config_file, cli_error, extract_args, extract_job, tiny_student
 
 VERSION = "v1.0-synth"
@@ -197,7 +198,7 @@ def test_training_refuses_a_cache_that_verify_rejects(case: str, cache: Path, tm
         scenes = [by_token[t].scene_token for t in open_cache(cache).tokens]
     assert not verify(copy, scenes=scenes).ok
     with pytest.raises(CacheCorruptError, match=re.escape(expected)):
-        join_cache(open_cache(copy), train_samples)
+        join_cache(open_training_cache(copy, grid=open_cache(cache).meta.grid), train_samples)
     message = _fit_error(synth_root, copy, tmp_path)
     assert expected in message and str(copy) in message
 

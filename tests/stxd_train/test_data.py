@@ -19,6 +19,7 @@ from pipelines.grid import BEVGrid
 from pipelines.nuscenes import SampleIndex
 from stxd_cache.extract import extract
 from stxd_train.data import CameraAugmentConfig, CameraDataset, collate
+from stxd_train.fit import open_training_cache
 from tiny import extract_job
 
 GRID = BEVGrid.square(25.6, 8)
@@ -91,19 +92,19 @@ def test_an_index_with_too_few_previous_keyframes_is_refused(nusc) -> None:
 
 
 def test_cache_join(train_index, cache: Path, synth_root: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
-    dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache_path=str(cache))
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache=open_training_cache(cache, grid=GRID))
     batch = collate([dataset[0], dataset[3]])
-    assert batch.cache is not None and batch.cache["bev"].shape[0] == 2
-    assert batch.cache["past_valid"].shape == (2, 2) and batch.cache["count"].dtype == torch.int64
+    assert batch.cache is not None and batch.cache.bev.shape[0] == 2
+    assert batch.cache.past_valid.shape == (2, 2) and batch.cache.count.dtype == torch.int64
     from stxd_cache.store import open_cache
 
     record = open_cache(cache).read(open_cache(cache).index_of(train_index[3].token))
-    np.testing.assert_array_equal(batch.cache["bev"][1].numpy(), record.bev)
+    np.testing.assert_array_equal(batch.cache.bev[1].numpy(), record.bev)
     # A cache of the val split only lacks every training token: refused when the dataset is built.
     val_only = tmp_path / "val.zarr"
     extract(dataclasses.replace(extract_job(synth_root, teacher_ckpt, val_only), splits=("synth_val",)))
     with pytest.raises(ConfigError, match=rf"lacks {len(train_index)} of the {len(train_index)} samples"):
-        CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache_path=str(val_only))
+        CameraDataset(train_index, image_size=(64, 32), grid=GRID, cache=open_training_cache(val_only, grid=GRID))
 
 
 def test_missing_image_fails_when_the_dataset_is_built(train_index) -> None:
@@ -121,7 +122,8 @@ def test_missing_image_fails_when_the_dataset_is_built(train_index) -> None:
 def test_spawn_workers_give_the_same_batches(train_index, cache: Path) -> None:
     """The dataset (with its cache) pickles into spawned workers and yields what the main process yields."""
     aug = CameraAugmentConfig(scale=(0.9, 1.1), brightness=0.2)
-    dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, queue=1, augment=aug, cache_path=str(cache))
+    dataset = CameraDataset(train_index, image_size=(64, 32), grid=GRID, queue=1, augment=aug,
+                            cache=open_training_cache(cache, grid=GRID))
     # One whole batch, read to its end: the worker is idle, not mid-send, when it is shut down.
     loader = DataLoader(dataset, batch_size=2, sampler=[0, 1], num_workers=1, collate_fn=collate,
                         multiprocessing_context="spawn")
@@ -129,7 +131,7 @@ def test_spawn_workers_give_the_same_batches(train_index, cache: Path) -> None:
     local = collate([dataset[0], dataset[1]])
     assert batch.tokens == local.tokens
     assert torch.equal(batch.images, local.images) and torch.equal(batch.lidar2img, local.lidar2img)
-    assert torch.equal(batch.cache["tokens"], local.cache["tokens"])
+    assert torch.equal(batch.cache.tokens, local.cache.tokens)
 
 
 def test_unknown_velocities_are_nan_targets(train_index) -> None:

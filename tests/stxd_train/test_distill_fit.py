@@ -3,6 +3,7 @@ learnable (overfit on one batch), and start-up checks of the distill config agai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,9 +14,9 @@ import torch
 from pipelines.config import from_dict
 from pipelines.errors import ConfigError
 from stxd_cache.store import open_cache
-from stxd_train.data import CameraDataset, collate
+from stxd_train.data import CameraDataset, TeacherBatch, collate
 from stxd_train.distiller import DistillConfig, Distiller
-from stxd_train.fit import StudentRunConfig, fit
+from stxd_train.fit import StudentRunConfig, fit, open_training_cache
 from stxd_train.students.config import StudentConfig
 from stxd_train.students.registry import build_student
 from tiny import tiny_student
@@ -77,9 +78,9 @@ def test_each_distillation_term_decreases_when_overfitting_one_batch(terms: list
     """STXD's three terms together (and the MSE baseline alone) each fall when one batch is fitted."""
     model = _distiller(cache, terms=terms, **BLIND_RD)
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
-                            cache_path=str(cache), gt_match=model.cfg.gt_match)
+                            cache=open_training_cache(cache, grid=model.student.grid), gt_match=model.cfg.gt_match)
     batch = collate([dataset[2], dataset[3]])
-    assert batch.cache["past_valid"].any() and (batch.cache["count"] > 0).all()
+    assert batch.cache.past_valid.any() and (batch.cache.count > 0).all()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(25):
@@ -268,7 +269,6 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
     """For one batch and one student output, every distillation term from the cache equals the term from the live
     teacher: once the live features are rounded to float16 as an fp16 cache stores them (TD's sharp softmax turns
     that rounding alone into up to 1 % of its value), and within the documented int8 tolerance (2 %) for int8."""
-    import dataclasses
 
     from stxd_cache.extract import extract
     from stxd_train.fit import build_online_teacher
@@ -281,31 +281,30 @@ def test_cached_and_online_losses_agree(precision: str, rtol: float, train_index
     online = build_online_teacher(str(teacher_ckpt), dataclasses.replace(CACHE, precision=precision), 2,
                                   torch.device("cpu"))
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
-                            cache_path=str(cache), lidar=online.frames)
+                            cache=open_training_cache(cache, grid=model.student.grid), lidar=online.frames)
     batch = collate([dataset[2], dataset[3]])
     with torch.no_grad():
         out = model.student.eval()(batch)
         cached = model.distill_terms(out, batch.cache, batch.gt_boxes, batch.gt_labels)
         live = online.records(batch.points)
         if precision == "fp16":   # the cache's storage rounding, applied to the live record
-            live = {k: v.half().float() if k in ("bev", "tokens", "past_tokens", "probs") else v
-                    for k, v in live.items()}
+            live = dataclasses.replace(live, **{k: getattr(live, k).half().float()
+                                                for k in ("bev", "tokens", "past_tokens", "probs")})
         recomputed = model.distill_terms(out, live, batch.gt_boxes, batch.gt_labels)
-    assert torch.equal(live["past_valid"], batch.cache["past_valid"]) and torch.equal(live["count"],
-                                                                                       batch.cache["count"])
+    assert torch.equal(live.past_valid, batch.cache.past_valid) and torch.equal(live.count, batch.cache.count)
     assert set(cached) == {"loss_cd", "loss_td", "loss_rd", "loss_mse"}
     # The loader's per-sample IoU gives the same qualities as computing them in the step.
     from stxd_train.distill import quality_weights
 
-    args = (batch.cache["boxes"], batch.cache["scores"], batch.gt_boxes)
-    labels = {"teacher_labels": batch.cache["labels"], "gt_labels": batch.gt_labels}
-    assert torch.allclose(quality_weights(*args, iou=batch.cache["iou"]), quality_weights(*args, **labels), atol=1e-6)
+    args = (batch.cache.boxes, batch.cache.scores, batch.gt_boxes)
+    labels = {"teacher_labels": batch.cache.labels, "gt_labels": batch.gt_labels}
+    assert torch.allclose(quality_weights(*args, iou=batch.cache.iou), quality_weights(*args, **labels), atol=1e-6)
     # Without RD the loader skips the IoU, and RD-free terms are unchanged.
-    no_iou = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1, cache_path=str(cache),
-                           gt_iou=False)
+    no_iou = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
+                           cache=open_training_cache(cache, grid=model.student.grid), gt_iou=False)
     plain = collate([no_iou[2], no_iou[3]])
-    assert no_iou[2].cache_iou is None and "iou" not in plain.cache
-    assert torch.equal(plain.cache["bev"], batch.cache["bev"])
+    assert no_iou[2].cache_iou is None and plain.cache.iou is None
+    assert torch.equal(plain.cache.bev, batch.cache.bev)
     for name, value in cached.items():
         assert float(recomputed[name]) == pytest.approx(float(value), rel=rtol), name
 
@@ -353,8 +352,7 @@ def test_head_read_at_decodes_the_centre_cell() -> None:
 def test_bev_tokens_match_the_cache_token_order() -> None:
     import numpy as np
 
-    from stxd_cache.schema import pool_tokens
-    from stxd_train.distiller import bev_tokens
+    from stxd_cache.schema import bev_tokens, pool_tokens
 
     bev = torch.randn(2, 3, 8, 8)
     np.testing.assert_allclose(bev_tokens(bev, 4).numpy(), pool_tokens(bev.numpy(), 4), atol=1e-6)
@@ -365,7 +363,7 @@ def test_bev_tokens_match_the_cache_token_order() -> None:
 
 def _batch(train_index, model: Distiller, cache: Path, items: tuple[int, ...] = (2, 3)):
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
-                            cache_path=str(cache), gt_match=model.cfg.gt_match)
+                            cache=open_training_cache(cache, grid=model.student.grid), gt_match=model.cfg.gt_match)
     return collate([dataset[i] for i in items])
 
 
@@ -415,8 +413,8 @@ def test_warmup_step_survives_a_resume(tmp_path: Path, synth_root: Path, cache: 
 
 def test_feature_terms_take_the_foreground_weights(train_index, cache: Path) -> None:
     from pipelines.grid import resample
+    from stxd_cache.schema import bev_tokens
     from stxd_train.distill import correlation_loss, feature_mse, temporal_loss
-    from stxd_train.distiller import bev_tokens
 
     terms = {"terms": ["cd", "td", "mse"], "alpha_cd": 1.0}
     plain = _distiller(cache, fg_mask="none", **terms)
@@ -432,13 +430,13 @@ def test_feature_terms_take_the_foreground_weights(train_index, cache: Path) -> 
             assert weights.shape == (2, 8, 8) and weights.min() == pytest.approx(0.1) and weights.max() <= 1.0
             got = model.distill_terms(out, batch.cache, batch.gt_boxes)
             adapted = model.adapter(out.bev)
-            teacher = resample(batch.cache["bev"], model.teacher_grid, model.student.grid)
+            teacher = resample(batch.cache.bev, model.teacher_grid, model.student.grid)
             f, g = (x.permute(0, 2, 3, 1).flatten(0, 2) for x in (teacher, adapted))
             assert float(got["loss_cd"]) == pytest.approx(float(correlation_loss(f, g, 0.005, weights.flatten())))
             assert float(got["loss_mse"]) == pytest.approx(float(feature_mse(teacher, adapted, weights)))
             token_weights = torch.nn.functional.avg_pool2d(weights[:, None], 2).flatten(1)   # 8×8 cells → 4×4 tokens
-            expected_td = temporal_loss(batch.cache["tokens"], batch.cache["past_tokens"][:, :2],
-                                        bev_tokens(adapted, 4), batch.cache["past_valid"][:, :2], tau=0.1,
+            expected_td = temporal_loss(batch.cache.tokens, batch.cache.past_tokens[:, :2],
+                                        bev_tokens(adapted, 4), batch.cache.past_valid[:, :2], tau=0.1,
                                         weights=token_weights)
             assert float(got["loss_td"]) == pytest.approx(float(expected_td))
             assert all(float(got[k]) != pytest.approx(float(reference[k])) for k in reference), mask
@@ -483,13 +481,16 @@ def _head_case() -> tuple[Distiller, list[dict[str, torch.Tensor]], torch.Tensor
     return model, preds, gt, torch.tensor([0])
 
 
-def _record(boxes: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A one-sample teacher record holding `boxes` (M, 9) with score 1 and one padding slot."""
+def _record(boxes: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor) -> TeacherBatch:
+    """A one-sample teacher record holding `boxes` (M, 9) with score 1 and one padding slot (blank features: RD
+    reads only the boxes)."""
     m = len(boxes)
-    return {"boxes": torch.cat([boxes, torch.zeros(1, 9)])[None],
-            "labels": torch.cat([labels, torch.tensor([-1])])[None],
-            "scores": torch.cat([torch.ones(m), torch.zeros(1)])[None],
-            "probs": torch.cat([probs, torch.zeros(1, probs.shape[1])])[None], "count": torch.tensor([m])}
+    return TeacherBatch(bev=torch.zeros(1, 8, 4, 4), tokens=torch.zeros(1, 16, 8),
+                        past_tokens=torch.zeros(1, 2, 16, 8), past_valid=torch.zeros(1, 2, dtype=torch.bool),
+                        boxes=torch.cat([boxes, torch.zeros(1, 9)])[None],
+                        labels=torch.cat([labels, torch.tensor([-1])])[None],
+                        scores=torch.cat([torch.ones(m), torch.zeros(1)])[None],
+                        probs=torch.cat([probs, torch.zeros(1, probs.shape[1])])[None], count=torch.tensor([m]))
 
 
 def test_rd_in_the_head_space_is_the_head_box_loss() -> None:
@@ -543,15 +544,13 @@ def test_rd_learns_from_a_teacher_that_matches_the_gt(train_index, cache: Path) 
     """With the default matching, RD falls when one batch is fitted against a record whose boxes are the GT."""
     model = _distiller(cache, terms=["rd"])
     batch = _batch(train_index, model, cache)
-    m = batch.cache["boxes"].shape[1]
-    record = dict(batch.cache)
-    record.pop("iou")
+    m = batch.cache.boxes.shape[1]
     boxes, labels = torch.zeros(2, m, 9), torch.full((2, m), -1)
     for b, (gt, gt_labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels, strict=True)):
         boxes[b, :len(gt)], labels[b, :len(gt)] = gt, gt_labels
-    record.update(boxes=boxes, labels=labels, scores=(labels >= 0).float() * 0.9,
-                  probs=torch.nn.functional.one_hot(labels.clamp(min=0), 10).float() * 0.9,
-                  count=torch.tensor([len(g) for g in batch.gt_boxes]))
+    record = dataclasses.replace(batch.cache, iou=None, boxes=boxes, labels=labels, scores=(labels >= 0).float() * 0.9,
+                                 probs=torch.nn.functional.one_hot(labels.clamp(min=0), 10).float() * 0.9,
+                                 count=torch.tensor([len(g) for g in batch.gt_boxes]))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(25):
@@ -567,7 +566,6 @@ def test_rd_learns_from_a_teacher_that_matches_the_gt(train_index, cache: Path) 
 def test_rd_options_agree_between_cached_and_online_records(train_index, cache: Path, teacher_ckpt: Path) -> None:
     """The class-blind RD (which keeps boxes of the tiny teacher) and the teacher-heatmap weights give the same terms
     from the cache as from the live teacher."""
-    import dataclasses
 
     from stxd_train.fit import build_online_teacher
     from tiny import CACHE
@@ -576,7 +574,8 @@ def test_rd_options_agree_between_cached_and_online_records(train_index, cache: 
     online = build_online_teacher(str(teacher_ckpt), dataclasses.replace(CACHE, precision="fp16"), 2,
                                   torch.device("cpu"))
     dataset = CameraDataset(train_index, image_size=(64, 32), grid=model.student.grid, queue=1,
-                            cache_path=str(cache), lidar=online.frames, gt_match=model.cfg.gt_match)
+                            cache=open_training_cache(cache, grid=model.student.grid), lidar=online.frames,
+                            gt_match=model.cfg.gt_match)
     batch = collate([dataset[2], dataset[3]])
     with torch.no_grad():
         out = model.student.eval()(batch)
