@@ -97,7 +97,7 @@ class Distiller(nn.Module):
         self.token_grid, self.tokens = token_grid, tokens
         # RD alone reads the head, not the BEV: no adapter then (DDP needs every parameter to get a gradient).
         needs_adapter = bool({"cd", "td", "mse"} & set(cfg.terms))
-        self.adapter = (build_adapter(student.head.shared_conv.conv.in_channels, teacher_channels,
+        self.adapter = (build_adapter(student.bev_channels, teacher_channels,
                                       cfg.adapter_channels) if needs_adapter else None)
         self.step: int | None = None
         """The optimizer step about to run (0 for the first), for the warm-up; set by `DistillStepHook` in a fit.

@@ -32,7 +32,7 @@ class OnlineTeacher:
 
     @property
     def channels(self) -> int:
-        return int(self.model.head.shared_conv.conv.in_channels)
+        return int(self.model.head.in_channels)
 
     def _bev(self, points: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
         out = self.model(points)

@@ -209,6 +209,8 @@ class CenterHead(nn.Module):
             target, loss, decode: target assignment, loss weights and decoding settings.
         """
         super().__init__()
+        self.in_channels = in_channels
+        """C of the BEV the head reads."""
         self.tasks = tuple(tuple(t) for t in tasks)
         names = [c for t in self.tasks for c in t]
         if len(names) != len(set(names)) or not set(names) <= set(DETECTION_CLASSES):

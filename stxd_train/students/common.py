@@ -103,6 +103,11 @@ class CameraStudent(nn.Module):
         self.head = head
         self.grid = grid
 
+    @property
+    def bev_channels(self) -> int:
+        """C of the BEV that `encode_bev` returns, which the head reads and the distillation adapter maps from."""
+        return int(self.head.in_channels)
+
     def encode_bev(self, images: torch.Tensor, lidar2img: torch.Tensor, prev2cur: torch.Tensor,
                    frame_valid: torch.Tensor) -> torch.Tensor:
         """images (B, F, 6, 3, H, W), lidar2img (B, F, 6, 4, 4), prev2cur (B, F, 4, 4), frame_valid (B, F).

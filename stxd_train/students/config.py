@@ -93,15 +93,11 @@ class UVTRConfig:
         ])
 
 
-#: The students of `stxd_train.students.registry.STUDENTS`, named here so that a config is checked without torch.
-STUDENT_NAMES = ("bevformer", "uvtr")
-
-
 @dataclass(frozen=True, kw_only=True)
 class StudentConfig:
     """A camera student: `name` picks the registry entry; only that entry's section is used."""
 
-    name: str = field(metadata={"help": "registry name: bevformer or uvtr"})
+    name: str = field(metadata={"help": "registry name (stxd_train.students.registry): bevformer or uvtr"})
     grid_half_extent: float = field(default=51.2, metadata={"help": "the BEV grid covers ±this many metres"})
     grid_size: int = field(default=64, metadata={"help": "BEV cells per side"})
     embed_dims: int = field(default=64, metadata={"help": "channels of image features and of the BEV"})
@@ -119,15 +115,17 @@ class StudentConfig:
         "help": "refuse a load_from file with tensors this student cannot use (false: skip and report them)"})
 
     def __post_init__(self) -> None:
+        from stxd_train.students.registry import STUDENTS
+
         require("student config model", [
-            (self.name in STUDENT_NAMES, "name", self.name, f"one of {', '.join(STUDENT_NAMES)}"),
+            (self.name in STUDENTS, "name", self.name, f"one of {', '.join(STUDENTS)}"),
             (self.grid_half_extent > 0, "grid_half_extent", self.grid_half_extent, "> 0 metres"),
             (self.grid_size >= 2, "grid_size", self.grid_size, "at least 2 cells"),
-            (self.embed_dims >= 1 and self.embed_dims % self.bevformer.num_heads == 0, "embed_dims",
-             self.embed_dims, f"a positive multiple of bevformer.num_heads ({self.bevformer.num_heads})"),
+            (self.embed_dims >= 1, "embed_dims", self.embed_dims, "a positive number of channels"),
             (self.decode.nms != "circle" or len(self.decode.nms_radius) == len(self.head.tasks),
              "decode.nms_radius", self.decode.nms_radius, f"one radius per task ({len(self.head.tasks)})"),
         ])
+        require(f"student config model ({self.name})", STUDENTS[self.name].checks(self))
 
     @property
     def grid(self) -> BEVGrid:
@@ -136,5 +134,8 @@ class StudentConfig:
 
     @property
     def queue(self) -> int:
-        """Previous keyframes whose images the student needs."""
-        return {"bevformer": self.bevformer.queue, "uvtr": self.uvtr.sweeps}.get(self.name, 0)
+        """Previous keyframes whose images the student needs (its registry entry reads them from its section)."""
+        from stxd_train.students.registry import STUDENTS
+
+        entry = STUDENTS[self.name]
+        return entry.queue(getattr(self, entry.section))

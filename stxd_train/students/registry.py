@@ -1,10 +1,15 @@
-"""The student registry: a plain dict from name to factory, and `build_student`, the one place where a
-`StudentConfig` becomes modules."""
+"""The student registry: name → `StudentEntry` (its config section, its checks, the past frames it needs and its
+factory), and `build_student`, the one place where a `StudentConfig` becomes modules.
+
+Importing this module imports no torch (the factories import their modules when called), so that
+`StudentConfig` checks a config through its entry before any model library loads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import ConfigError
 
@@ -54,14 +59,47 @@ def _uvtr(cfg: StudentConfig) -> CameraStudent:
                 bev_convs=u.bev_convs)
 
 
-#: Student name → factory. A new student is one entry here; tests/stxd_train/test_students.py covers it.
-STUDENTS: dict[str, Callable[[StudentConfig], CameraStudent]] = {"bevformer": _bevformer, "uvtr": _uvtr}
+#: A failed check: (ok, field, value found, what is expected), as `pipelines.config.require` takes them.
+Check = tuple[bool, str, Any, str]
+
+
+@dataclass(frozen=True)
+class StudentEntry:
+    """Everything stxd knows about one student besides its modules."""
+
+    section: str
+    """The `StudentConfig` field that holds its settings (its YAML section)."""
+    build: Callable[[StudentConfig], CameraStudent]
+    """The factory: the student's modules from the whole config."""
+    queue: Callable[[Any], int]
+    """The previous keyframes whose images it reads, from its section."""
+    checks: Callable[[StudentConfig], list[Check]] = lambda cfg: []
+    """Checks of the whole config that only this student needs."""
+
+
+def _bevformer_checks(cfg: StudentConfig) -> list[Check]:
+    heads = cfg.bevformer.num_heads
+    return [(cfg.embed_dims % heads == 0, "embed_dims", cfg.embed_dims,
+             f"a positive multiple of bevformer.num_heads ({heads})")]
+
+
+#: Student name → entry. A new student is one entry here and its section in `StudentConfig`;
+#: tests/stxd_train/test_students.py covers every entry.
+STUDENTS: dict[str, StudentEntry] = {
+    "bevformer": StudentEntry(section="bevformer", build=_bevformer, queue=lambda section: section.queue,
+                              checks=_bevformer_checks),
+    "uvtr": StudentEntry(section="uvtr", build=_uvtr, queue=lambda section: section.sweeps),
+}
+
+
+def student_entry(name: str) -> StudentEntry:
+    """The registry entry of student `name`; a `ConfigError` naming the registered students otherwise."""
+    try:
+        return STUDENTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown student {name!r}; the registry has {', '.join(sorted(STUDENTS))}") from None
 
 
 def build_student(cfg: StudentConfig) -> CameraStudent:
     """The student `cfg.name` on the CPU (move it yourself)."""
-    try:
-        factory = STUDENTS[cfg.name]
-    except KeyError:
-        raise ConfigError(f"unknown student {cfg.name!r}; the registry has {', '.join(sorted(STUDENTS))}") from None
-    return factory(cfg)
+    return student_entry(cfg.name).build(cfg)

@@ -55,11 +55,26 @@ def test_every_student_trains_one_step(name: str, train_index) -> None:
 
 
 def test_unknown_student_lists_the_registry() -> None:
-    from stxd_train.students.config import STUDENT_NAMES
-
-    assert STUDENT_NAMES == tuple(STUDENTS)   # configs are checked without importing the registry's torch modules
     with pytest.raises(ConfigError, match="bevformer, uvtr"):
         from_dict(StudentConfig, tiny_student("detr3d")["model"])
+
+
+def test_each_registry_entry_owns_its_section_and_checks() -> None:
+    """The past frames come from the student's own section, and a check of one student does not bind another."""
+    for name, entry in STUDENTS.items():
+        raw = tiny_student(name)["model"]
+        assert entry.section in raw
+        cfg = from_dict(StudentConfig, raw)
+        assert cfg.queue == entry.queue(getattr(cfg, entry.section))
+    bevformer = from_dict(StudentConfig, {**tiny_student("bevformer")["model"], "bevformer": {"queue": 2}})
+    uvtr = from_dict(StudentConfig, {**tiny_student("uvtr")["model"], "uvtr": {"sweeps": 3}, "bevformer": {"queue": 2}})
+    assert (bevformer.queue, uvtr.queue) == (2, 3)
+    # embed_dims must split into BEVFormer's heads; UVTR has no heads, so its width is free.
+    odd = {"embed_dims": 18, "bevformer": {"num_heads": 4}}
+    assert from_dict(StudentConfig, {**tiny_student("uvtr")["model"], **odd}).embed_dims == 18
+    with pytest.raises(ConfigError, match=r"student config model \(bevformer\) field `embed_dims`: found 18"):
+        from_dict(StudentConfig, {**tiny_student("bevformer")["model"], **odd})
+    assert build_student(bevformer).bev_channels == bevformer.embed_dims
 
 
 def test_project_matches_lidar2img(train_index) -> None:
