@@ -24,6 +24,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 demo: venv
 	mkdir -p $(DEMO_OUT)

@@ -166,8 +166,8 @@ def decode_boxes(codes: Any) -> Any:
     if _is_torch(codes):
         import torch
 
-        yaw = torch.atan2(codes[..., 6:7], codes[..., 7:8])
-        return torch.cat([codes[..., :3], torch.exp(codes[..., 3:6]), yaw, codes[..., 8:10]], dim=-1)
+        angle = torch.atan2(codes[..., 6:7], codes[..., 7:8])
+        return torch.cat([codes[..., :3], torch.exp(codes[..., 3:6]), angle, codes[..., 8:10]], dim=-1)
     c = np.asarray(codes)
     yaw = np.arctan2(c[..., 6:7], c[..., 7:8])
     return np.concatenate([c[..., :3], np.exp(c[..., 3:6]), yaw, c[..., 8:10]], axis=-1)

@@ -117,15 +117,16 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
     if isinstance(submission, Mapping):
         result_path = out / "submission.json"
         result_path.write_text(json.dumps(submission))
+        results = submission["results"]
     else:
         result_path = Path(submission)
-        submission = json.loads(result_path.read_text())
+        results = json.loads(result_path.read_text())["results"]
     cfg = config_factory(EVAL_CONFIG)
-    if not any(submission["results"].values()):
+    if not any(results.values()):
         # The devkit cannot score a submission without a single box; its result would be this one.
-        metrics = _empty_metrics(split, len(submission["results"]), cfg.dist_ths)
+        metrics = _empty_metrics(split, len(results), cfg.dist_ths)
         metrics["source"] = source_revision()
-        empty_matches(list(submission["results"]), cfg).save(out / MATCHES_FILE)
+        empty_matches(list(results), cfg).save(out / MATCHES_FILE)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if report:
             metrics["report"] = str(_write_summary(out, metrics, plots=None))

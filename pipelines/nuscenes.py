@@ -187,10 +187,10 @@ def load_nuscenes(dataroot: str | Path, version: str) -> NuScenes:
     try:
         return NuScenes(version=version, dataroot=str(root), verbose=False)
     except Exception as exc:  # the devkit's assertions, KeyErrors of dangling tokens, its own bare Exceptions
-        found = f"{type(exc).__name__}: {exc}"
+        cause = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, KeyError):
-            found = f"a record refers to the missing token {exc}{_reference_hint(root, version)}"
-        raise DatasetError(f"the devkit cannot load {table_dir}: {found}; run "
+            cause = f"a record refers to the missing token {exc}{_reference_hint(root, version)}"
+        raise DatasetError(f"the devkit cannot load {table_dir}: {cause}; run "
                            f"`stxd-data check --dataroot {root} --version {version}` for a full report") from None
 
 
@@ -272,7 +272,8 @@ class SampleIndex(Sequence[SampleInfo]):
         for scene in nusc.scene:
             if scene["name"] not in scene_names:
                 continue
-            token, history, referrer = scene["first_sample_token"], [], f"scene {scene['name']}"
+            history: list[str] = []
+            token, referrer = scene["first_sample_token"], f"scene {scene['name']}"
             while token:
                 sample = _get(nusc, "sample", token, referrer)
                 referrer = f"sample {token} (`next`)"

@@ -162,9 +162,9 @@ def calibration(scores: np.ndarray, correct: np.ndarray, *, bin_width: float = 0
     for k in range(count):
         inside = index == k
         n = int(inside.sum())
-        mean = float(scores[inside].mean()) if n else None
-        precision = float(correct[inside].mean()) if n else None
+        mean = precision = None
         if n:
+            mean, precision = float(scores[inside].mean()), float(correct[inside].mean())
             ece += n / len(scores) * abs(precision - mean)
         bins.append({"lo": round(k * bin_width, 9), "hi": round((k + 1) * bin_width, 9), "boxes": n,
                      "mean_score": mean, "precision": precision})

@@ -135,14 +135,15 @@ class _Extractor:
 def build_meta(job: ExtractJob, index: SampleIndex, extractor: _Extractor) -> Any:
     from pipelines.classes import DETECTION_CLASSES
     from pipelines.config import to_dict
-    from stxd_cache.store import CacheMeta
+    from stxd_cache.store import CacheMeta, DatasetInfo, TeacherInfo
 
     return CacheMeta(
         grid=job.cfg.grid, token_grid=job.cfg.token_grid, channels=sum(extractor.teacher_cfg.neck.out_channels),
-        box_capacity=job.cfg.box_capacity, classes=list(DETECTION_CLASSES),
-        teacher={"name": extractor.teacher_cfg.name, "config": to_dict(extractor.teacher_cfg),
-                 "sha256": extractor.sha256},
-        dataset={"version": job.version, "splits": list(job.splits), "sample_count": len(index)},
+        box_capacity=job.cfg.box_capacity, classes=tuple(DETECTION_CLASSES),
+        teacher=TeacherInfo.from_dict({"name": extractor.teacher_cfg.name, "config": to_dict(extractor.teacher_cfg),
+                                       "sha256": extractor.sha256}),
+        dataset=DatasetInfo.from_dict({"version": job.version, "splits": list(job.splits),
+                                       "sample_count": len(index)}),
         precision=job.cfg.precision, k_max=job.cfg.k_max)
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ def _json_normalised(value: Any, where: str) -> Any:
 
 
 def _strict_keys(cls: type, d: Any, where: str) -> dict[str, Any]:
-    names = list(cls.__dataclass_fields__)
+    names = [f.name for f in fields(cls)]
     if not isinstance(d, Mapping):
         raise ConfigError(f"cache meta field `{where}` is {d!r}; expected a mapping with keys {names}")
     unknown = sorted(set(d) - set(names))
@@ -541,8 +541,9 @@ def top_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, probs: 
     `labels (M,)` int64 -1 and `probs (M, C)` float32 zeros past `count`."""
     keep = np.argsort(-scores, kind="stable")[:capacity]
     count = len(keep)
-    out = {"boxes": np.zeros((capacity, BOX_DIM), np.float32), "scores": np.zeros(capacity, np.float32),
-           "labels": np.full(capacity, -1, np.int64), "probs": np.zeros((capacity, probs.shape[1]), np.float32)}
+    out: dict[str, np.ndarray] = {
+        "boxes": np.zeros((capacity, BOX_DIM), np.float32), "scores": np.zeros(capacity, np.float32),
+        "labels": np.full(capacity, -1, np.int64), "probs": np.zeros((capacity, probs.shape[1]), np.float32)}
     out["boxes"][:count], out["scores"][:count] = boxes[keep], scores[keep]
     out["labels"][:count], out["probs"][:count] = labels[keep], probs[keep]
     out["count"] = np.asarray(count, np.int64)

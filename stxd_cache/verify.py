@@ -74,7 +74,7 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
     arrays = open_arrays(group, meta, path, lenient=True)
     bad_rows: set[int] = set()
 
-    def problem(text: str, rows: Sequence[int] = ()) -> None:
+    def problem(text: str, rows: Sequence[int] | np.ndarray = ()) -> None:
         bad_rows.update(int(x) for x in rows)
         report.problems.append(text)
 
@@ -98,18 +98,18 @@ def verify(path: str | os.PathLike[str], *, scenes: Sequence[str] | None = None,
         present = [key for key in objects if key in keys]
         sizes = dict(zip(present, object_sizes(array, present), strict=True))
         for j, key in enumerate(objects):
-            rows = range(j * step, min((j + 1) * step, n))
+            held = range(j * step, min((j + 1) * step, n))
             # Units not written yet have no objects: only rows marked done, or written at creation, must have
             # them (and every `done` object in a complete cache).
             if name == "done":
                 expected = meta.complete
             else:
-                expected = specs[name].chunking == "index" or bool(done[rows.start:rows.stop].any())
+                expected = specs[name].chunking == "index" or bool(done[held.start:held.stop].any())
             if expected and key not in keys:
-                problem(f"array `{name}`: stored object `{key}` is missing (rows {row_names(tokens, rows)})", rows)
+                problem(f"array `{name}`: stored object `{key}` is missing (rows {row_names(tokens, held)})", held)
             elif key in keys and sizes[key] == 0:  # no encoded chunk or shard is empty: it holds a crc32c
                 problem(f"array `{name}`: stored object `{key}` is empty (0 bytes: a truncated write or copy; rows "
-                        f"{row_names(tokens, rows)})", rows)
+                        f"{row_names(tokens, held)})", held)
     prev = np.full((n, meta.k_max), -1, np.int32)
     for unit in work_units(n, r):
         block: dict[str, np.ndarray] = {}

@@ -318,8 +318,8 @@ def _draw_adjust(cfg: CameraAugmentConfig | None, rng: np.random.Generator | Non
 def collate(samples: Sequence[CameraSample]) -> CameraBatch:
     """Stack a list of samples into a `CameraBatch`."""
     cache = None
-    if samples[0].cache is not None:
-        records = [s.cache for s in samples]
+    records = [s.cache for s in samples if s.cache is not None]
+    if records:
 
         def stack(name: str) -> torch.Tensor:
             return torch.from_numpy(np.stack([getattr(r, name) for r in records]))
@@ -328,10 +328,11 @@ def collate(samples: Sequence[CameraSample]) -> CameraBatch:
             bev=stack("bev"), tokens=stack("tokens"), past_tokens=stack("past_tokens"), past_valid=stack("past_valid"),
             boxes=stack("boxes"), scores=stack("scores"), labels=stack("labels"), probs=stack("probs"),
             count=torch.tensor([r.count for r in records], dtype=torch.int64),
-            iou=None if samples[0].cache_iou is None else torch.stack([s.cache_iou for s in samples]))
+            iou=None if samples[0].cache_iou is None else torch.stack([s.cache_iou for s in samples
+                                                                        if s.cache_iou is not None]))
     return CameraBatch(
         tokens=[s.token for s in samples], images=torch.stack([s.images for s in samples]),
         lidar2img=torch.stack([s.lidar2img for s in samples]), prev2cur=torch.stack([s.prev2cur for s in samples]),
         frame_valid=torch.stack([s.frame_valid for s in samples]), gt_boxes=[s.gt_boxes for s in samples],
         gt_labels=[s.gt_labels for s in samples], cache=cache,
-        points=None if samples[0].points is None else [s.points for s in samples])
+        points=None if samples[0].points is None else [s.points for s in samples if s.points is not None])

@@ -136,7 +136,7 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
     sampler = _CellSampler(samples=len(index), max_rows=max_rows, seed=seed)
     teacher_rows = []
     for sample in index:
-        bev = reader.read(reader.index_of(sample.token)).bev               # (C, H, W) on the cache grid
+        bev = reader.read(reader.index_of(sample.token), k=0).bev          # (C, H, W) on the cache grid
         cells = bev.reshape(bev.shape[0], -1).T                            # (H·W, C)
         teacher_rows.append(cells[sampler.cells(len(cells))])
     table = [_row(f"teacher ({reader.meta.teacher.name}, cache)", *sampler.finish(teacher_rows))]
@@ -150,10 +150,10 @@ def diagnose(cache: str | Path, *, runs: Sequence[str | Path] = (), split: str, 
                 adapted = None if student.adapter is None else student.adapter(out.bev)
             for b in range(out.bev.shape[0]):
                 raw = out.bev[b].flatten(1).T                              # (H·W, C_s) on the student grid
-                cells = torch.from_numpy(sampler.cells(raw.shape[0])).to(raw.device)
-                raw_rows.append(raw[cells].float().cpu().numpy())
+                picked = torch.from_numpy(sampler.cells(raw.shape[0])).to(raw.device)
+                raw_rows.append(raw[picked].float().cpu().numpy())
                 if adapted is not None:
-                    adapted_rows.append(adapted[b].flatten(1).T[cells].float().cpu().numpy())
+                    adapted_rows.append(adapted[b].flatten(1).T[picked].float().cpu().numpy())
         label = f"{run} ({cfg.model.name}, distill: {','.join(cfg.distill.terms) or 'none'}"
         if adapted_rows:
             raw_x, adapted_x = sampler.finish(raw_rows, adapted_rows)

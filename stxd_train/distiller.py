@@ -33,6 +33,7 @@ from stxd_train.engine.hooks import HookBase
 if TYPE_CHECKING:
     from stxd_train.data import CameraBatch, TeacherBatch
     from stxd_train.online import OnlineTeacher
+    from stxd_train.students.common import CameraStudent
 
 def build_adapter(in_channels: int, out_channels: int, hidden: Sequence[int]) -> nn.Sequential:
     """1×1 convs from the student's channels to the teacher's, with BN and ReLU between them."""
@@ -72,7 +73,7 @@ class Distiller(nn.Module):
     """The engine's model in a distilled fit: a `CameraStudent` and its adapter; a batch with cache records in,
     detection and distillation loss terms out (`loss_cd`, `loss_td`, `loss_rd`, `loss_mse`, already weighted)."""
 
-    def __init__(self, *, student: nn.Module, cfg: DistillConfig, teacher_grid: BEVGrid, teacher_channels: int,
+    def __init__(self, *, student: CameraStudent, cfg: DistillConfig, teacher_grid: BEVGrid, teacher_channels: int,
                  token_grid: int, k_max: int, online: OnlineTeacher | None = None) -> None:
         """
         Args:
@@ -136,7 +137,7 @@ class Distiller(nn.Module):
         scale = cfg.warmup_factor(self.step)
         adapted = self.adapter(out.bev) if self.adapter is not None else None             # (B, C_t, H, W)
         weights = self.cell_weights(cache, gt_boxes) if adapted is not None else None     # (B, H, W) or None
-        if "cd" in cfg.terms or "mse" in cfg.terms:
+        if adapted is not None and ("cd" in cfg.terms or "mse" in cfg.terms):
             teacher = resample(cache.bev.to(adapted.dtype), self.teacher_grid, self.student.grid)
             if "cd" in cfg.terms:
                 f = teacher.permute(0, 2, 3, 1).flatten(0, 2)
@@ -145,7 +146,7 @@ class Distiller(nn.Module):
                 terms["loss_cd"] = scale * cfg.alpha_cd * correlation_loss(f, g, cfg.lambda_c, rows)
             if "mse" in cfg.terms:
                 terms["loss_mse"] = scale * cfg.alpha_mse * feature_mse(teacher, adapted, weights)
-        if "td" in cfg.terms:
+        if adapted is not None and "td" in cfg.terms:
             student_tokens = bev_tokens(adapted, self.tokens)
             # The cell weights pooled like the features: each token's mean weight, in the token order (B, P²).
             token_weights = None if weights is None else bev_tokens(weights[:, None], self.tokens)[..., 0]
@@ -165,12 +166,12 @@ class Distiller(nn.Module):
         if cfg.fg_mask == "none":
             return None
         target = self.student.head.target_cfg
-        shape = {"gaussian_overlap": target.gaussian_overlap, "min_radius": target.min_radius}
+        overlap, radius = target.gaussian_overlap, target.min_radius
         if cfg.fg_mask == "gt":
-            fg = gt_foreground(gt_boxes, self.student.grid, **shape)
+            fg = gt_foreground(gt_boxes, self.student.grid, gaussian_overlap=overlap, min_radius=radius)
         else:
             fg = teacher_foreground(cache.boxes, cache.scores, cache.valid.to(cache.boxes.device), self.student.grid,
-                                    **shape)
+                                    gaussian_overlap=overlap, min_radius=radius)
         return cell_weights(fg, cfg.fg_background_weight)
 
     def response_term(self, out, cache: TeacherBatch, gt_boxes: Sequence[torch.Tensor],

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipelines.grid import BEVGrid
     from stxd_cache.store import CacheReader
     from stxd_train.configs import DistillConfig
+    from stxd_train.students.common import CameraStudent
 
 #: What `fit` writes when training ends, besides the checkpoints.
 STUDENT_FILE = "student.pt"
@@ -72,7 +73,7 @@ def open_training_cache(path: str | Path, *, grid: BEVGrid, distill: DistillConf
     return cache
 
 
-def _training_model(cfg: StudentRunConfig, student: nn.Module, reader: Any, online: Any) -> nn.Module:
+def _training_model(cfg: StudentRunConfig, student: CameraStudent, reader: Any, online: Any) -> nn.Module:
     """The engine's model: the student alone, or a `Distiller` fed by the cache or by the online teacher."""
     if not cfg.distill.enabled:
         return DetectorLoss("student", student)
@@ -187,7 +188,7 @@ def build_online_teacher(path: str, layout: ExtractConfig, k: int, device: torch
                          point_range=loaded.config.voxel.point_range)
 
 
-def load_student(path: str | Path, device: torch.device) -> nn.Module:
+def load_student(path: str | Path, device: torch.device) -> CameraStudent:
     """The student saved by `fit` at `path` (read with `weights_only=True`), in eval mode. A distilled run's
     adapter is attached as `student.adapter` (None without one)."""
     from stxd_train.engine import CheckpointError
@@ -254,7 +255,7 @@ def state_dict_problems(model: nn.Module, state: dict[str, Any], *, shown: int =
     return "; ".join(parts)
 
 
-def student_outputs(student: nn.Module, cfg: StudentRunConfig, index: Any, device: torch.device, *,
+def student_outputs(student: CameraStudent, cfg: StudentRunConfig, index: Any, device: torch.device, *,
                     batch_size: int = 2, only: Sequence[str] | None = None) -> Iterator[tuple[list[str], Any]]:
     """(sample tokens, `StudentOutput`) for every batch of `index` (or of its samples `only`), without augmentation
     or gradient."""

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -178,8 +178,9 @@ def paired_comparison(rows: list[dict[str, Any]], *, reference: str, draws: int 
             pairs = [(s, scorer(ref_rows[s]), scorer(var_rows[s])) for s in common]
             entry["without_matches"] = [row["run"] for s in common for row in (ref_rows[s], var_rows[s])
                                         if scorers[row["run"]] is None]
-            if not entry["without_matches"]:
-                boot = frame_bootstrap({s: ref for s, ref, _ in pairs}, {s: var for s, _, var in pairs},
+            if not entry["without_matches"]:   # so every scorer of `pairs` is there
+                boot = frame_bootstrap({s: cast(FrameScorer, ref) for s, ref, _ in pairs},
+                                       {s: cast(FrameScorer, var) for s, _, var in pairs},
                                        metrics=PAIRED_METRICS, draws=draws, seed=BOOTSTRAP_SEED,
                                        confidence=confidence)
         for metric in PAIRED_METRICS:

@@ -46,6 +46,7 @@ from stxd_cache.schema import (
 from stxd_cache.store.zarr_io import (
     CREATING_KEY,
     WRITER_KEY,
+    array_at,
     create_arrays,
     delete_object,
     group_attributes,
@@ -172,7 +173,7 @@ class CacheWriter:
 def _reopen_writer(path: str) -> CacheWriter:
     group = open_group(path, "r+")
     meta = read_meta(group, path)
-    tokens = decode_tokens(group["sample_token"][:])
+    tokens = decode_tokens(np.asarray(array_at(group, "sample_token")[:]))
     writer = CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
     writer._check_writable()
     return writer
@@ -226,7 +227,7 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
                          zstd_level=zstd_level or DEFAULT_LAYOUT.zstd_level)
     created = meta.created or datetime.now(UTC).isoformat(timespec="seconds")
     meta = dataclasses.replace(meta, layout=layout, created=created, complete=False)
-    holder = {WRITER_KEY: lock.holder} if lock is not None else {}
+    holder: dict[str, Any] = {WRITER_KEY: lock.holder} if lock is not None else {}
     with _writing(path, "the new store"):
         # Mode "a", never "w": "w" clears whatever the path holds. Only an empty folder or a creation of our own that
         # was interrupted (marked `stxd_creating`) gets here, and its arrays are replaced one by one.
@@ -237,8 +238,8 @@ def create_or_resume(path: str | os.PathLike[str], meta: CacheMeta, sample_token
         for stale in set(group.array_keys()) - set(array_specs(meta)):
             del group[stale]
         create_arrays(group, meta)
-        group["sample_token"][:] = encode_tokens(tokens)
-        group["prev_index"][:] = prev
+        array_at(group, "sample_token")[:] = encode_tokens(tokens)
+        array_at(group, "prev_index")[:] = prev
         group.attrs.put(group_attributes(meta, **holder))
     return CacheWriter(path=path, group=group, meta=meta, sample_tokens=tokens)
 
@@ -254,7 +255,7 @@ class WriterLock:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self.holder = {"pid": os.getpid(), "host": socket.gethostname(),
+        self.holder: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
                        "since": datetime.now(UTC).isoformat(timespec="seconds")}
         self._fd: int | None = None
 

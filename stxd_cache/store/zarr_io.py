@@ -66,7 +66,7 @@ def read_meta(group: zarr.Group, path: str) -> CacheMeta:
                              "cache; choose another path (stxd never writes into foreign stores)")
     stored = attrs[ATTRS_KEY]
     version = stored.get("schema_version") if isinstance(stored, dict) else None
-    if version != SCHEMA_VERSION:
+    if not isinstance(stored, dict) or version != SCHEMA_VERSION:
         raise CacheError(f"cache {path} has schema_version {version!r}; this stxd reads schema {SCHEMA_VERSION} "
                          "only; re-extract the cache with this stxd, or use the stxd version that wrote it")
     try:
@@ -100,7 +100,7 @@ def open_arrays(group: zarr.Group, meta: CacheMeta, path: str, *, lenient: bool 
     n, r = meta.dataset.sample_count, meta.layout.rows_per_shard
     for name, spec in array_specs(meta).items():
         try:
-            array = group[name]
+            array = array_at(group, name)
         except KeyError:
             if lenient:
                 continue
@@ -147,7 +147,15 @@ def object_key(array: Any, index: int) -> str:
     return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
-def row_names(tokens: Sequence[str], rows: Sequence[int]) -> str:
+def array_at(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of `group`; a `KeyError` where there is none (a subgroup of that name is none)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise KeyError(name)
+    return node
+
+
+def row_names(tokens: Sequence[str], rows: Sequence[int] | np.ndarray) -> str:
     shown = ", ".join(f"{r} ({tokens[r]})" if r < len(tokens) else str(r) for r in list(rows)[:3])
     return shown + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -168,16 +169,17 @@ class SeparateHead(nn.Module):
     def __init__(self, *, in_channels: int, head_channels: int, num_classes: int, num_heatmap_convs: int) -> None:
         super().__init__()
         outputs = {**{name: (ch, 2) for name, ch in REG_HEADS.items()}, "heatmap": (num_classes, num_heatmap_convs)}
+        finals: dict[str, nn.Conv2d] = {}
         for name, (channels, num_convs) in outputs.items():
             layers: list[nn.Module] = []
             c = in_channels
             for _ in range(num_convs - 1):
                 layers.append(ConvModule(in_channels=c, out_channels=head_channels))
                 c = head_channels
-            layers.append(nn.Conv2d(c, channels, 3, padding=1, bias=True))
-            setattr(self, name, nn.Sequential(*layers))
+            finals[name] = nn.Conv2d(c, channels, 3, padding=1, bias=True)
+            setattr(self, name, nn.Sequential(*layers, finals[name]))
         with torch.no_grad():
-            self.heatmap[-1].bias.fill_(HEATMAP_INIT_BIAS)
+            cast(torch.Tensor, finals["heatmap"].bias).fill_(HEATMAP_INIT_BIAS)
         self.output_names = tuple(outputs)
 
     def forward(self, x: torch.Tensor) -> TaskPreds:

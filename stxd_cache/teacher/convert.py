@@ -150,14 +150,14 @@ class Rule:
     rows: RowMap = ()
 
 
-def _final_head_convs(model: nn.Module) -> Iterator[tuple[int, str, int]]:
+def _final_head_convs(model: Any) -> Iterator[tuple[int, str, int]]:
     """(task, output name, index of the final conv in its Sequential) of every head branch."""
     for t, task_head in enumerate(model.head.task_heads):
         for name in task_head.output_names:
             yield t, name, len(getattr(task_head, name)) - 1
 
 
-def _kinds(model: nn.Module, head_rows: Mapping[str, RowMap], deconv_1x1: bool) -> dict[str, tuple[Kind, RowMap]]:
+def _kinds(model: Any, head_rows: Mapping[str, RowMap], deconv_1x1: bool) -> dict[str, tuple[Kind, RowMap]]:
     """Our keys that need more than a copy."""
     kinds: dict[str, tuple[Kind, RowMap]] = {}
     for name, module in model.named_modules():
@@ -192,7 +192,7 @@ def mmdet3d_rules(model: nn.Module, *, convention: MMDet3DConvention = "v1") -> 
     return _rules(model, list(MMDET3D_PREFIXES), _kinds(model, MMDET3D_HEAD_ROWS[convention], deconv_1x1=False))
 
 
-def _openpcdet_prefixes(model: nn.Module) -> list[tuple[str, str]]:
+def _openpcdet_prefixes(model: Any) -> list[tuple[str, str]]:
     pairs = [(f"backbone_3d.{src}.", f"middle_encoder.{ours}.") for src, ours in OPENPCDET_ENCODER_MODULES]
     for i, block in enumerate(model.backbone.blocks):
         pairs += [(f"backbone_2d.blocks.{i}.{j + 1}.", f"backbone.blocks.{i}.{j}.") for j in range(len(block))]
@@ -207,7 +207,7 @@ def _openpcdet_prefixes(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _openpcdet_folds(model: nn.Module) -> list[Rule]:
+def _openpcdet_folds(model: Any) -> list[Rule]:
     """The conv biases OpenPCDet puts before a BatchNorm where our convs have none."""
     modules = dict(model.middle_encoder.named_modules())
     folds = []

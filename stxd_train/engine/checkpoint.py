@@ -161,7 +161,7 @@ def capture_rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
     return {
         "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         # The current device only: asking for every device would create a CUDA context on each GPU of the node.
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,

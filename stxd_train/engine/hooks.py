@@ -134,7 +134,7 @@ class MetricsHook(HookBase):
         values = reduce_dict({"loss": t.loss, **{f"terms/{k}": v for k, v in t.losses.items()}})
         if not is_main_process():
             return
-        record = {
+        record: dict[str, Any] = {
             "step": t.step, "epoch": t.epoch, "lr": t.lr, "loss": values["loss"],
             "terms": {k: values[f"terms/{k}"] for k in t.losses},
             "grad_norm": None if t.grad_norm is None else float(t.grad_norm),

@@ -193,8 +193,9 @@ class Trainer:
 
     def _epoch_iterator(self) -> Any:
         for sampler in {id(s): s for s in (self.data.sampler, self.data.batch_sampler)}.values():
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(self.epoch)
         if self.batch_sampler is not None:
             self.batch_sampler.limit(self.max_steps - self.step)
         # Creating the iterator draws the workers' base seed from the global generator (unless the loader

@@ -40,7 +40,7 @@ def _ring(heads: int, points: int) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], -1)
 
 
-def _init_deformable(attn: nn.Module, offsets: torch.Tensor) -> None:
+def _init_deformable(attn: SpatialCrossAttention | TemporalSelfAttention, offsets: torch.Tensor) -> None:
     """Start a deformable attention at fixed offsets (one pixel or cell from the reference) with equal weights."""
     nn.init.zeros_(attn.sampling_offsets.weight)
     with torch.no_grad():
@@ -55,7 +55,7 @@ class CameraQueries(NamedTuple):
     M is the largest count over cameras and samples; shorter lists are padded with query 0 and `seen` False.
     """
 
-    index: torch.Tensor     # (B, N, M) int64 query indices
+    queries: torch.Tensor   # (B, N, M) int64 query indices
     uv: torch.Tensor        # (B, N, M, Z, 2) pillar points in image fractions
     seen: torch.Tensor      # (B, N, M, Z) float: 1 where the camera sees the pillar point
     cameras: torch.Tensor   # (B, Q) float: cameras that see each query (at least 1)
@@ -69,7 +69,7 @@ class CameraQueries(NamedTuple):
         z = uv.shape[3]
         uv = torch.gather(uv, 2, index[..., None, None].expand(-1, -1, -1, z, 2))
         seen = torch.gather(visible, 2, index[..., None].expand(-1, -1, -1, z)).to(uv.dtype)
-        return cls(index=index, uv=uv, seen=seen, cameras=seen_any.sum(1).clamp(min=1).to(uv.dtype))
+        return cls(queries=index, uv=uv, seen=seen, cameras=seen_any.sum(1).clamp(min=1).to(uv.dtype))
 
 
 class SpatialCrossAttention(nn.Module):
@@ -92,9 +92,9 @@ class SpatialCrossAttention(nn.Module):
         """query: (B, Q, C); feats: levels × (B, N, C, H_l, W_l); views: the queries each camera sees.
         Returns (B, Q, C)."""
         b, q, c = query.shape
-        n, m, h, zp = views.index.shape[1], views.index.shape[2], self.heads, self.heights * self.points
+        n, m, h, zp = views.queries.shape[1], views.queries.shape[2], self.heads, self.heights * self.points
         # Offsets and weights of the queries each camera sees: (B, N, M, ...).
-        picked = torch.gather(query[:, None].expand(-1, n, -1, -1), 2, views.index[..., None].expand(-1, -1, -1, c))
+        picked = torch.gather(query[:, None].expand(-1, n, -1, -1), 2, views.queries[..., None].expand(-1, -1, -1, c))
         offsets = self.sampling_offsets(picked).view(b, n, m, h, self.levels, self.heights, self.points, 2)
         weights = self.attention_weights(picked).view(b, n, m, h, -1).softmax(-1)
         weights = weights.view(b, n, m, h, self.levels, zp) * views.seen.repeat_interleave(self.points, -1)[
@@ -110,9 +110,10 @@ class SpatialCrossAttention(nn.Module):
             w = weights[:, :, :, :, lvl].permute(0, 1, 3, 2, 4).reshape(b * n * h, 1, m, zp)
             part = (_sample(value, loc) * w).sum(-1)                                     # (B·N·h, C/h, M)
             out = part if out is None else out + part
+        assert out is not None   # every camera feature level was sampled
         # Back to the BEV: sum over the cameras, divided by the number of cameras that see the query.
         total = query.new_zeros(b, c, q).scatter_add_(
-            2, views.index.flatten(1)[:, None].expand(-1, c, -1),
+            2, views.queries.flatten(1)[:, None].expand(-1, c, -1),
             out.view(b, n, c, m).transpose(1, 2).flatten(2))
         return self.dropout(self.output_proj(total.transpose(1, 2) / views.cameras[..., None]))
 
@@ -173,6 +174,9 @@ class EncoderLayer(nn.Module):
 
 class BEVFormer(CameraStudent):
     """BEV queries on the student grid, N encoder layers, then the shared CenterHead."""
+
+    ref_points: torch.Tensor
+    """(H·W, Z, 3) pillar reference points of the BEV cells (a buffer)."""
 
     def __init__(self, *, image_encoder: ImageEncoder, head: CenterHead, grid: BEVGrid, embed_dims: int,
                  num_layers: int, num_heads: int, num_points: int, tsa_points: int,
@@ -245,5 +249,6 @@ class BEVFormer(CameraStudent):
                     prev = self.encode_frame(images[:, f], lidar2img[:, f], prev, prev_valid)
                     prev_valid = frame_valid[:, f]
             self.train(was_training)
+            assert prev is not None   # frames >= 1 encoded
             prev = align_bev(prev, prev2cur[:, 1], self.grid)
         return self.encode_frame(images[:, 0], lidar2img[:, 0], prev, prev_valid)

@@ -97,6 +97,10 @@ def align_bev(prev: torch.Tensor, prev2cur: torch.Tensor, grid: BEVGrid) -> torc
 class CameraStudent(nn.Module):
     """Base of the camera students: a view transform to `bev` (subclasses) and the shared CenterHead."""
 
+    adapter: nn.Module | None
+    """A distilled run's adapter, attached by `stxd_train.fit.load_student` (None for a run without one); a student
+    being trained has none (the `Distiller` holds it)."""
+
     def __init__(self, *, image_encoder: ImageEncoder, head: CenterHead, grid: BEVGrid) -> None:
         super().__init__()
         self.image_encoder = image_encoder

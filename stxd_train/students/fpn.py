@@ -51,7 +51,8 @@ class FPN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """feats: one (B, in_channels[i], H_i, W_i) map per input level, finest first

@@ -31,6 +31,9 @@ def _conv_bn(cin: int, cout: int, kernel: int) -> nn.Sequential:
 class UVTR(CameraStudent):
     """Depth-weighted voxel lifting → (temporal fusion) → height collapse → BEV convs → CenterHead."""
 
+    voxels: torch.Tensor
+    """(H·W·Z, 3) voxel centres of the BEV grid's height layers (a buffer)."""
+
     def __init__(self, *, image_encoder: ImageEncoder, head: CenterHead, grid: BEVGrid, embed_dims: int,
                  depth_bins: int, depth_range: tuple[float, float], heights: Sequence[float], sweeps: int,
                  bev_convs: int) -> None:
