@@ -11,22 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
-from pipelines.nuscenes import SYNTH_STAMP, TABLES, escapes_root
-
-# (table, field, referenced table); '' is allowed for prev/next only.
-_FOREIGN_KEYS = (
-    ("sample", "scene_token", "scene"), ("sample", "prev", "sample"), ("sample", "next", "sample"),
-    ("sample_data", "sample_token", "sample"), ("sample_data", "ego_pose_token", "ego_pose"),
-    ("sample_data", "calibrated_sensor_token", "calibrated_sensor"),
-    ("sample_data", "prev", "sample_data"), ("sample_data", "next", "sample_data"),
-    ("sample_annotation", "sample_token", "sample"), ("sample_annotation", "instance_token", "instance"),
-    ("sample_annotation", "visibility_token", "visibility"),
-    ("sample_annotation", "prev", "sample_annotation"), ("sample_annotation", "next", "sample_annotation"),
-    ("instance", "category_token", "category"), ("instance", "first_annotation_token", "sample_annotation"),
-    ("instance", "last_annotation_token", "sample_annotation"),
-    ("calibrated_sensor", "sensor_token", "sensor"), ("scene", "log_token", "log"),
-    ("scene", "first_sample_token", "sample"), ("scene", "last_sample_token", "sample"),
-)
+from pipelines.nuscenes import SYNTH_STAMP, TABLES, dangling_references, escapes_root
 
 
 @dataclass
@@ -77,20 +62,8 @@ def check_root(dataroot: str | Path, version: str, *, check_files: bool = True, 
     if len(tables) < len(TABLES):
         return report
 
-    tokens = {name: {r.get("token") for r in records} for name, records in tables.items()}
-    for table, key, target in _FOREIGN_KEYS:
-        dangling = [r for r in tables[table] if r.get(key, "") not in tokens[target]
-                    and not (key in ("prev", "next") and r.get(key) == "")]
-        if dangling:
-            report.add(f"{len(dangling)} {table} record(s) have a {key} that is not a {target} token, e.g. "
-                       f"{table} {dangling[0].get('token')} → {dangling[0].get(key)!r}")
-    attr_tokens = tokens["attribute"]
-    bad_attr = [r for r in tables["sample_annotation"]
-                if any(a not in attr_tokens for a in r.get("attribute_tokens", []))]
-    if bad_attr:
-        unknown = next(a for a in bad_attr[0]["attribute_tokens"] if a not in attr_tokens)
-        report.add(f"{len(bad_attr)} sample_annotation record(s) name unknown attribute tokens, "
-                   f"e.g. {bad_attr[0]['token']} → {unknown!r}")
+    for problem in dangling_references(tables):
+        report.add(problem)
     mapped_logs = {t for m in tables["map"] for t in m.get("log_tokens", [])}
     unmapped = [log["token"] for log in tables["log"] if log["token"] not in mapped_logs]
     if unmapped:

@@ -16,6 +16,7 @@ import numpy as np
 from pipelines.boxes import boxes_to_global
 from pipelines.classes import DETECTION_CLASSES, default_attribute
 from pipelines.errors import DatasetError
+from pipelines.matches import UNDEFINED_TP
 from pipelines.nuscenes import SampleIndex, split_scene_names
 
 if TYPE_CHECKING:
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 MAX_BOXES_PER_SAMPLE = 500   # the devkit's limit
 EVAL_CONFIG = "detection_cvpr_2019"
 TP_ERRORS: tuple[str, ...] = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
-# TP errors DetectionEval leaves NaN: these classes have no meaningful orientation, velocity or attribute.
-_UNDEFINED_TP: dict[str, frozenset[str]] = {
-    "traffic_cone": frozenset({"orient_err", "vel_err", "attr_err"}),
-    "barrier": frozenset({"vel_err", "attr_err"}),
-}
 
 
 @dataclass(frozen=True)
@@ -202,7 +198,7 @@ def _empty_metrics(split: str, samples: int, dist_ths: Sequence[float]) -> dict[
     """What DetectionEval gives a split without predictions: AP 0, every TP error at its cap of 1, NDS 0."""
     errors = {"mATE": 1.0, "mASE": 1.0, "mAOE": 1.0, "mAVE": 1.0, "mAAE": 1.0}
     per_class = {name: {"AP": 0.0, **{f"AP@{float(th)}": 0.0 for th in dist_ths},
-                        **{err: None if err in _UNDEFINED_TP.get(name, ()) else 1.0 for err in TP_ERRORS}}
+                        **{err: None if err in UNDEFINED_TP.get(name, ()) else 1.0 for err in TP_ERRORS}}
                  for name in DETECTION_CLASSES}
     return {"split": split, "NDS": 0.0, "mAP": 0.0, **errors,
             "per_class_AP": {name: 0.0 for name in DETECTION_CLASSES}, "samples": samples,

@@ -38,6 +38,12 @@ TP_METRICS: tuple[str, ...] = ("trans_err", "vel_err", "scale_err", "orient_err"
 HEADLINE: dict[str, str] = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE",
                             "attr_err": "mAAE"}
 
+#: TP errors DetectionEval leaves NaN: these classes have no meaningful orientation, velocity or attribute.
+UNDEFINED_TP: dict[str, frozenset[str]] = {
+    "traffic_cone": frozenset({"orient_err", "vel_err", "attr_err"}),
+    "barrier": frozenset({"vel_err", "attr_err"}),
+}
+
 
 class MatchesError(StxdError):
     """A `matches.npz` that is missing, unreadable or belongs to other frames."""
@@ -192,8 +198,6 @@ class FrameScorer:
         The devkit's `accumulate`, `calc_ap`, `calc_tp` and `DetectionMetrics` arithmetic, step for step on the same
         arrays (so that every count 1 gives its numbers exactly), without its per-call objects.
         """
-        from pipelines.evaluation import _UNDEFINED_TP
-
         cfg = self.cfg
         if counts is not None:
             counts = np.asarray(counts, dtype=np.int64)
@@ -226,7 +230,7 @@ class FrameScorer:
                     errors = _tp_errors(tp_flags[:, self.tp_column], score, rec[self.tp_column], tp_errors, first)
             mean_dist_aps.append(float(np.mean(aps.tolist())))
             for metric in TP_METRICS:
-                class_errors[metric].append(np.nan if metric in _UNDEFINED_TP.get(name, ()) else errors[metric])
+                class_errors[metric].append(np.nan if metric in UNDEFINED_TP.get(name, ()) else errors[metric])
         mean_ap = float(np.mean(mean_dist_aps))
         tp_mean = {metric: float(np.nanmean(class_errors[metric])) for metric in _DEVKIT_TP_ORDER}
         scores = [max(0.0, 1.0 - tp_mean[metric]) for metric in _DEVKIT_TP_ORDER]
