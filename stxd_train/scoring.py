@@ -81,7 +81,7 @@ def evaluate_run(run: str | Path, *, split: str | None = None, device: str = "au
     only, `RUN/metrics.json`; returns the metrics."""
     from pipelines.evaluation import evaluate
     from stxd_train.curves import plot_training_curves
-    from stxd_train.engine import atomic_write_text
+    from stxd_train.engine import TRAIN_SECONDS_FILE, atomic_write_text
     from stxd_train.engine.hooks import read_sources
 
     found = predict(run, split=split, device=device, dataroot=dataroot, scoring=True)
@@ -91,7 +91,7 @@ def evaluate_run(run: str | Path, *, split: str | None = None, device: str = "au
     curves = plot_training_curves(run)
     if curves is not None:
         metrics["training_curves"] = str(curves)
-    seconds = run / "train_seconds.txt"
+    seconds = run / TRAIN_SECONDS_FILE
     if seconds.is_file():
         metrics["train_seconds"] = float(seconds.read_text())
     metrics["trained_by"] = read_sources(run)
