@@ -118,6 +118,14 @@ def test_round_trip_fp16_boxes_and_past_tokens(tmp_path: Path) -> None:
             np.testing.assert_array_equal(out.past_tokens[k], expected)
     assert reader.read(4).past_valid.tolist() == [False, False]  # first row of scene-b
     assert reader.read(6).past_valid.tolist() == [True, True]
+    # read(k=...) gives the nearest k past frames of the full read, and only those.
+    for k in range(K + 1):
+        part, full = reader.read(7, k=k), reader.read(7)
+        assert part.past_tokens.shape == (k, *full.past_tokens.shape[1:]) and len(part.past_valid) == k
+        np.testing.assert_array_equal(part.past_tokens, full.past_tokens[:k])
+        np.testing.assert_array_equal(part.bev, full.bev)
+    with pytest.raises(ValueError, match=r"read\(k=3\).*expected 0 <= k <= 2"):
+        reader.read(7, k=K + 1)
     with pytest.raises(SampleNotFoundError, match="not-a-token"):
         reader.index_of("not-a-token")
     assert verify(tmp_path / "c.zarr", scenes=SCENES, timestamps=list(range(10))).ok
