@@ -234,9 +234,10 @@ def diagnose(cache: str, runs: tuple[str, ...], split: str, dataroot: str | None
 
     d_eff is the participation ratio of a spectrum, of the feature covariance (cov) and of the correlation matrix
     of the channels standardised to unit variance (corr). Rows: the teacher's cached BEV, each run's raw BEV and,
-    for a run distilled through an adapter, its adapted BEV. CD is blind to the scale of each adapter output
-    channel, so the adapted BEV's cov d_eff depends on arbitrary scales: read its corr d_eff. The AOE per class
-    is the nuScenes devkit's, as `stxd-train eval` stored it (barrier modulo π, traffic_cone not scored).
+    for a run distilled through an adapter, its adapted BEV. Compare students on their raw BEV: it is what the
+    head reads, in the same channels for plain and distilled runs. CD is blind to the scale of each adapter
+    output channel, so the adapted BEV's cov d_eff depends on arbitrary scales. The AOE per class is the nuScenes
+    devkit's, as `stxd-train eval` stored it (barrier modulo π, traffic_cone not scored).
     """
     from stxd_train.diagnose import deff_markdown, orientation_markdown
     from stxd_train.diagnose import diagnose as run_diagnose

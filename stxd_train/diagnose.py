@@ -19,7 +19,8 @@ depends on those arbitrary scales (one channel ten times larger dominates it), s
 property of what CD learned; the correlation spectrum divides the scales out. TD (L2-normalised tokens) and MSE
 do constrain the relative scales, so for runs that also train those terms the covariance d_eff means more; the
 correlation d_eff is comparable across every run and with the teacher. The raw student BEV has no such freedom
-(the adapter and the detection head read it), and both numbers are meaningful there.
+(the adapter and the detection head read it), and both numbers are meaningful there. It is also the one space
+that plain and distilled students of a config share, so students are compared on it.
 
 Rows are BEV cells of every sample of the split. At most `max_rows` are kept per feature set: each sample
 contributes the same number of randomly chosen cells (all of them when the split has at most `max_rows` cells),
