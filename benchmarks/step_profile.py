@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 from common import interleaved, machine, median, resolve_device, table
-from step_time import _build, _step
+from step_time import _build, _step, step_options
 
 GROUPS = {
     "convolution (forward + backward)": ("convolution", "conv2d"),
@@ -51,13 +51,7 @@ def _channels_last(model: Any, batches: list[Any]) -> tuple[Any, list[Any]]:
 
 
 @click.command()
-@click.option("--dataroot", required=True)
-@click.option("--version", required=True)
-@click.option("--cache", required=True, help="A complete cache over the config's train split.")
-@click.option("--teacher", required=True, help="The teacher checkpoint the cache was extracted with.")
-@click.option("--config", default="configs/student/bevformer_synth.yaml", show_default=True)
-@click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True)
-@click.option("--terms", default="cd,td,rd", show_default=True)
+@step_options
 @click.option("--k", type=int, default=2, show_default=True, help="Past frames of TD.")
 @click.option("--steps", default=6, show_default=True, help="Profiled steps.")
 @click.option("--rows", default=15, show_default=True, help="Operators listed.")

@@ -116,15 +116,24 @@ def _cpu_memory(opts: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def step_options(f: Any) -> Any:
+    """The options that `_build` reads: the data, the cache and its teacher, the student config and its terms."""
+    for option in reversed([
+        click.option("--dataroot", required=True),
+        click.option("--version", required=True),
+        click.option("--cache", required=True, help="A complete cache over the config's train split."),
+        click.option("--teacher", required=True, help="The teacher checkpoint the cache was extracted with."),
+        click.option("--config", default="configs/student/bevformer_synth.yaml", show_default=True),
+        click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True,
+                     help="The layout the online teacher imitates (the cache's config)."),
+        click.option("--terms", default="cd,td,rd", show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
 @click.command()
-@click.option("--dataroot", required=True)
-@click.option("--version", required=True)
-@click.option("--cache", required=True, help="A complete cache over the config's train split.")
-@click.option("--teacher", required=True, help="The teacher checkpoint the cache was extracted with.")
-@click.option("--config", default="configs/student/bevformer_synth.yaml", show_default=True)
-@click.option("--cache-config", default="configs/cache/synth.yaml", show_default=True,
-              help="The layout the online teacher imitates (the cache's config).")
-@click.option("--terms", default="cd,td,rd", show_default=True)
+@step_options
 @click.option("--k", type=int, default=3, show_default=True, help="Past frames of TD and of the online teacher.")
 @click.option("--rounds", default=5, show_default=True, help="Timed rounds (each runs every mode).")
 @click.option("--steps", default=4, show_default=True, help="Steps per mode per round.")
