@@ -6,8 +6,9 @@
 The step is `step_time.py`'s cached mode (forward, backward, AdamW, batches loaded beforehand): two untimed
 warm-up steps, then `--steps` profiled ones. The table gives the operators with the most self CPU time, per
 step and as a share of the profiled total, and the same time grouped by kind (convolutions, grid sampling,
-matrix products, everything else). `--channels-last` also times the same steps, interleaved, with the model
-and the images in channels-last memory format: the same arithmetic in another layout, which oneDNN can run
+matrix products, everything else). `--channels-last` also times the same steps, interleaved, on a copy of the
+model in channels-last memory format (and the batch's 4-D tensors; the 5-D camera stacks stay as they are, and
+each convolution follows its weights' format): the same arithmetic in another layout, which oneDNN can run
 faster on some CPUs.
 """
 
