@@ -158,8 +158,9 @@ def evaluate(nusc: NuScenes, submission: Mapping[str, Any] | str | Path, split: 
 
 def source_revision() -> dict[str, str | bool | None]:
     """The commit of the stxd source tree that is running: {"commit": `git rev-parse HEAD`, "dirty": whether
-    tracked files differ from it or untracked, unignored files exist}; both None when the code does not run from a
-    git checkout of stxd (an installed copy, or no git)."""
+    tracked files differ from it}; both None when the code does not run from a git checkout of stxd (an installed
+    copy, or no git). Untracked files do not count: a run's own outputs (a results file written into the
+    checkout) would otherwise mark it dirty."""
     tree = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -174,7 +175,7 @@ def source_revision() -> dict[str, str | bool | None]:
     # A copy installed under a checkout (e.g. a virtual environment inside it) is not that checkout's code.
     if len(lines) != 2 or Path(lines[0]).resolve() != tree:
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": lines[1], "dirty": None if status is None else bool(status.strip())}
 
 

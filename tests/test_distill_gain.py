@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipelines.config import read_yaml
+from pipelines.errors import ConfigError
 from pipelines.evaluation import source_revision
 from tiny import TINY_TEACHER, cache_config_file, tiny_student
 
@@ -60,17 +62,22 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
     work, results = tmp_path / "work", tmp_path / "results" / "gain.json"
     command = [sys.executable, str(SCRIPT), "--work", str(work), "--results", str(results), "--students",
                "tiny_bevformer", "--variants", "plain,stxd", "--seeds", "0,1", "--steps", "2", "--device", "cpu",
-               *_tiny_configs(tmp_path)]
+               "--parallel", "2", *_tiny_configs(tmp_path)]
     first = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "schedule: 4 runs (1 students x 2 variants x 2 seeds, seed-major) = 8 student steps" in first.stdout
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert ("schedule: 4 runs in 1 block(s) (tiny_bevformer x plain,stxd x seeds 0,1; each seed-major) = 8 student "
+            f"steps (tiny_bevformer 2 steps per run), each scored on synth_test; 4 to do, 0 already recorded at this "
+            f"commit; 2 at a time with {threads} threads each") in first.stdout
 
     saved = json.loads(results.read_text())
     assert saved["eval_split"] == "synth_test" and saved["eval_frames"] == 4   # one scene of 4 keyframes
     assert saved["schedule"]["runs"] == 4 and saved["schedule"]["student_steps"] == 8
+    assert saved["schedule"]["parallel"] == 2
     assert saved["device"] and saved["teacher"]["steps"] == 2
     commit = source_revision()["commit"]
-    # Seed-major: both variants of seed 0 before seed 1, so that a partial grid already pairs.
+    # Seed-major: both variants of seed 0 before seed 1, so that a partial grid already pairs; the JSON keeps this
+    # order whichever of the 2 runs at a time ends first.
     assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [("plain", 0), ("stxd", 0), ("plain", 1),
                                                                    ("stxd", 1)]
     for record in saved["runs"]:
@@ -82,7 +89,7 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
         assert metrics["split"] == "synth_test" and record["eval_frames"] == 4
         assert record["per_class_ap"] == metrics["per_class_AP"]
         assert record["tp_errors"] == {k: metrics[k] for k in ("mATE", "mASE", "mAOE", "mAVE", "mAAE")}
-        assert record["wall_seconds"] > 0 and record["device"] == saved["device"]
+        assert record["wall_seconds"] > 0 and record["device"] == saved["device"] and record["threads"] == threads
         assert isinstance(record["dirty"], bool) or record["dirty"] is None
         config = read_yaml(run / "config.yaml")
         assert config["train"]["max_steps"] == 2 and config["train"]["seed"] == record["seed"]
@@ -165,3 +172,53 @@ def test_refuses_an_eval_split_that_the_dataset_does_not_write(tmp_path: Path) -
                                               str(REPO / "configs" / "data" / "synth_tiny.yaml")])
     assert result.exit_code == 1 and "not --eval-split synth_test" in result.output
     assert "test_fraction" in result.output and not (tmp_path / "work" / "data").exists()
+
+
+def test_the_claims_grid_runs_its_blocks_in_order_each_seed_major(tmp_path: Path) -> None:
+    """benchmarks/distill_gain_grid.yaml: 8 paired seeds of plain and STXD first, the ablation on 4 of them, UVTR on
+    4; 36 runs of 800 steps, each listed once."""
+    script = _import_script()
+    blocks, steps = script.load_grid(REPO / script.DEFAULT_GRID)
+    assert steps == 800 and [b.variants for b in blocks] == [("plain", "stxd"), ("mse", "cd", "cd_td"),
+                                                             ("plain", "stxd")]
+    protocol = script.Protocol(work=tmp_path, results=tmp_path / "r.json", eval_split="synth_test", device="cpu",
+                               data_config="", teacher_config="", teacher_overrides=(), cache_config="", workers=1)
+    runs = script.plan(protocol, version="v1.0-synth", blocks=blocks, steps=steps, overrides=(),
+                       student_configs=REPO / "configs" / "student")
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys)) == 36 and {r.steps for r in runs} == {800}
+    assert keys[:4] == [("bevformer_synth", "plain", 0, 800), ("bevformer_synth", "stxd", 0, 800),
+                        ("bevformer_synth", "plain", 1, 800), ("bevformer_synth", "stxd", 1, 800)]
+    assert keys[16:19] == [("bevformer_synth", v, 0, 800) for v in ("mse", "cd", "cd_td")]
+    assert keys[-1] == ("uvtr_synth", "stxd", 3, 800)
+    assert runs[0].spec.out == tmp_path / "runs" / "bevformer_synth" / "steps800" / "plain" / "seed0"
+    assert runs[-1].config["distill"]["terms"] == ["cd", "td", "rd"] and runs[0].config["distill"]["terms"] == []
+    twice = [*blocks, script.Block(("bevformer_synth",), ("stxd",), (7,))]
+    with pytest.raises(ConfigError, match="bevformer_synth stxd seed 7 is in more than one block"):
+        script.plan(protocol, version="v1.0-synth", blocks=twice, steps=steps, overrides=(),
+                    student_configs=REPO / "configs" / "student")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("blocks: []\n", r"found `blocks` \[\]; expected an optional `steps`"),
+    ("steps: 10\nseed: [0]\nblocks: []\n", "found the fields seed; expected"),
+    ("steps: 0\nblocks: [{students: [s], variants: [plain], seeds: [0]}]\n", "`steps` is 0; expected a positive"),
+    ("blocks: [{students: [s], variants: [plain]}]\n", r"blocks\[0\] is .*; expected `blocks`: a list of"),
+    ("blocks: [{students: s, variants: [plain], seeds: [0]}]\n", r"blocks\[0\]\.students is 's'; expected a non"),
+    ("blocks: [{students: [s], variants: [plain], seeds: [a]}]\n", r"blocks\[0\]\.seeds is \['a'\]; expected a non"),
+])
+def test_a_bad_grid_file_is_named_with_its_field(tmp_path: Path, text: str, message: str) -> None:
+    script = _import_script()
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        script.load_grid(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_grid_file_and_product_options_are_refused_together(tmp_path: Path) -> None:
+    script = _import_script()
+    result = CliRunner().invoke(script.main, ["--work", str(tmp_path / "work"), "--grid", script.DEFAULT_GRID,
+                                              "--seeds", "0,1"])
+    assert result.exit_code == 1 and "both name the runs; give one of them" in result.output
+    assert not (tmp_path / "work").exists()
