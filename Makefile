@@ -84,12 +84,12 @@ bench: venv
 	$(BIN)/python benchmarks/run_all.py --quick --dataroot $(DEMO_OUT)/data --work out/bench --out BENCHMARKS.md
 
 # The distillation-gain protocol (benchmarks/distill_gain.py): the configs/data/synth_bench.yaml dataset (30 train,
-# 10 val, 20 held-out test scenes), the teacher and its cache, then bevformer_synth and uvtr_synth x plain and STXD
-# x seeds 0, 1, 2 (12 fits of 800 steps), each scored on synth_test; results in benchmarks/results/distill_gain.json
-# and .md. Resumable: after a kill, run it again. Measured on 2 CPU cores: the dataset 25 min, the teacher's
-# 2400 steps at 2.2 s each (about 90 min); the demo's student rate (about 1.3 s per step) puts the 12 fits near
-# 3.5 hours more.
-# Extra options: make distill-gain DISTILL_GAIN_ARGS="--device cuda".
+# 10 val, 20 held-out test scenes), the teacher and its cache, then the grid of benchmarks/distill_gain_grid.yaml
+# (36 fits of 800 steps: bevformer_synth plain and STXD on 8 seeds, mse, cd and cd_td on 4 of them, uvtr_synth
+# plain and STXD on 4), each scored on synth_test; results in benchmarks/results/distill_gain.json and .md.
+# Resumable: after a kill, run it again. On 2 CPU cores: the dataset 25 min, the teacher about 90 min, the grid
+# planned at about 10 hours with 2 runs at a time. On a GPU: make distill-gain DISTILL_GAIN_ARGS="--device cuda".
+DISTILL_GAIN_ARGS ?= --parallel 2
 DISTILL_GAIN_OUT ?= out/distill_gain
 .PHONY: distill-gain
 distill-gain: venv

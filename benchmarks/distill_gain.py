@@ -60,6 +60,11 @@ REFERENCE = "plain"
 #: The protocol's own notes in each run folder: the commit, device and seconds of its fit and of each evaluation.
 NOTES_FILE = "distill_gain.json"
 TP_ERRORS = ("mATE", "mASE", "mAOE", "mAVE", "mAAE")
+#: A class's TP errors in `metrics.json`'s per_class, and their column names.
+CLASS_ERRORS = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
+CLASS_ERROR_NAMES = ("ATE", "ASE", "AOE", "AVE", "AAE")
+#: The variant that the per-class tables compare with `plain`.
+COMPARED = "stxd"
 #: Teacher fields that a finished teacher may differ in without being another teacher.
 TEACHER_BOOKKEEPING = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
 #: The benchmark teacher's schedule: 8 epochs of batch 2 over synth_bench's 600 synth_train keyframes (the demo
@@ -403,7 +408,63 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_mean_std(r, 'nds')} | "
                   f"{_mean_std(r, 'map')} | {_delta(r, 'nds')} | {_delta(r, 'map')} |" for r in rows]
+    detail = details(results["runs"])
+    if detail:
+        lines += ["", f"## Per class and TP errors: {REFERENCE} against {COMPARED}", "",
+                  "Means over the seeds that both ran; Δ is paired by seed, with the paired-t 95 % interval. "
+                  "Per-class TP errors: mean of " + f"{REFERENCE} → mean of {COMPARED}.", *detail]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(reference: Mapping[int, float | None], variant: Mapping[int, float | None]) -> tuple[str, str, str]:
+    """(reference mean, variant mean, paired difference [95 % interval]) over the seeds where both have a value."""
+    from stxd_train.stats import paired_summary
+
+    seeds = sorted(s for s in reference.keys() & variant.keys() if reference[s] is not None and variant[s] is not None)
+    if not seeds:
+        return "–", "–", "–"
+    ref = {s: float(reference[s]) for s in seeds}   # type: ignore[arg-type]
+    var = {s: float(variant[s]) for s in seeds}   # type: ignore[arg-type]
+    paired = paired_summary(ref, var)
+    interval = "" if math.isnan(paired["ci_low"]) else f" [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
+    missing = "" if len(seeds) == len(reference.keys() & variant.keys()) else f" (n = {len(seeds)})"
+    return (f"{statistics.fmean(ref.values()):.3f}", f"{statistics.fmean(var.values()):.3f}",
+            f"{paired['mean']:+.3f}{interval}{missing}")
+
+
+def details(runs: Sequence[Mapping[str, Any]], variant: str = COMPARED) -> list[str]:
+    """Markdown lines: per student, `variant` against `plain` over their paired seeds, per class (mean AP and each TP
+    error) and in the mean TP errors; means over those seeds, differences paired by seed with the 95 % interval."""
+    lines: list[str] = []
+    groups: dict[tuple[str, int], dict[str, dict[int, Mapping[str, Any]]]] = {}
+    for r in runs:
+        groups.setdefault((r["student"], r["steps"]), {}).setdefault(r["variant"], {})[r["seed"]] = r
+    for (student, steps), by_variant in groups.items():
+        ref, var = by_variant.get(REFERENCE, {}), by_variant.get(variant, {})
+        seeds = sorted(ref.keys() & var.keys())
+        if not seeds:
+            continue
+        ref, var = {s: ref[s] for s in seeds}, {s: var[s] for s in seeds}
+        lines += ["", f"### {student}, {steps} steps: {REFERENCE} against {variant}, seeds {','.join(map(str, seeds))}",
+                  "", f"| class | AP {REFERENCE} | AP {variant} | ΔAP | " +
+                  " | ".join(f"{e} {REFERENCE} → {variant}" for e in CLASS_ERROR_NAMES) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(CLASS_ERROR_NAMES)]
+        classes = list(next(iter(ref.values()))["per_class_ap"])
+        for name in classes:
+            ap = _paired_cell({s: r["per_class_ap"][name] for s, r in ref.items()},
+                              {s: r["per_class_ap"][name] for s, r in var.items()})
+            errors = []
+            for key in CLASS_ERRORS:
+                a, b, _ = _paired_cell({s: (r.get("per_class") or {}).get(name, {}).get(key) for s, r in ref.items()},
+                                       {s: (r.get("per_class") or {}).get(name, {}).get(key) for s, r in var.items()})
+                errors.append(f"{a} → {b}")
+            lines.append(f"| {name} | {' | '.join(ap)} | {' | '.join(errors)} |")
+        lines += ["", f"| TP error (lower is better) | {REFERENCE} | {variant} | Δ |", "|---|---:|---:|---:|"]
+        for key in TP_ERRORS:
+            cells = _paired_cell({s: r["tp_errors"][key] for s, r in ref.items()},
+                                 {s: r["tp_errors"][key] for s, r in var.items()})
+            lines.append(f"| {key} | {' | '.join(cells)} |")
+    return lines
 
 
 def write_results(path: Path, results: dict[str, Any]) -> str:
@@ -414,6 +475,17 @@ def write_results(path: Path, results: dict[str, Any]) -> str:
     atomic_write_text(path, json.dumps(results, indent=2) + "\n", then=AGAIN)
     text = markdown(results)
     atomic_write_text(path.with_suffix(".md"), text, then=AGAIN)
+    return text
+
+
+def rewrite_markdown(path: Path) -> str:
+    """Rewrite the markdown beside a results JSON from its runs (the JSON is left as it is); returns it."""
+    from stxd_train.engine import atomic_write_text
+
+    results = _read_json(path)
+    results["summary"] = summarize(results["runs"])
+    text = markdown(results)
+    atomic_write_text(path.with_suffix(".md"), text, then="run the same --report command again")
     return text
 
 
@@ -522,6 +594,8 @@ def _seeds(text: str) -> list[int]:
 @click.option("--seeds", help=f"train.seed of each run [default: {PRODUCT_DEFAULTS['seeds']}].")
 @click.option("--steps", type=int, help="train.max_steps of every run [default: the grid file's, else each student "
                                         "config's].")
+@click.option("--report", is_flag=True,
+              help="Only rewrite the markdown beside the results JSON from the runs it holds, and print it.")
 @click.option("--parallel", type=int, default=1, show_default=True,
               help="Runs at a time, each with cores / parallel torch threads (on 2 CPU cores, 2 runs of 1 thread "
                    "fit 1.37x the steps per hour of 1 run of 2 threads).")
@@ -539,13 +613,21 @@ def _seeds(text: str) -> list[int]:
 @click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="all cores",
               help="Processes generating the dataset.")
 def main(work: str, results: str | None, eval_split: str, grid: str | None, students: str | None,
-         variants: str | None, seeds: str | None, steps: int | None, parallel: int, device: str,
+         variants: str | None, seeds: str | None, steps: int | None, report: bool, parallel: int, device: str,
          overrides: tuple[str, ...], teacher_steps: int, teacher_overrides: tuple[str, ...], data_config: str,
          teacher_config: str, cache_config: str, student_configs: str, workers: int) -> None:
     """Train and score a grid of students x variants x seeds against one teacher cache; resumable."""
     from pipelines.paths import check_output_path
 
     try:
+        suffix = "" if eval_split == "synth_test" else f"_{eval_split}"
+        results_path = Path(results or REPO / "benchmarks" / "results" / f"distill_gain{suffix}.json")
+        if report:
+            if not results_path.is_file():
+                raise ConfigError(f"--report: {results_path} does not exist; run the grid first, or pass the "
+                                  "--results or --eval-split of the runs to report")
+            print(rewrite_markdown(results_path), end="")
+            return
         product = {"students": students, "variants": variants, "seeds": seeds}
         given = [f"--{k}" for k, v in product.items() if v is not None]
         if grid is not None and given:
@@ -559,8 +641,6 @@ def main(work: str, results: str | None, eval_split: str, grid: str | None, stud
             blocks, grid_steps = load_grid(grid or REPO / DEFAULT_GRID)
         if work == DEFAULT_WORK:
             Path(work).parent.mkdir(parents=True, exist_ok=True)
-        suffix = "" if eval_split == "synth_test" else f"_{eval_split}"
-        results_path = Path(results or REPO / "benchmarks" / "results" / f"distill_gain{suffix}.json")
         results_path.parent.mkdir(parents=True, exist_ok=True)
         protocol = Protocol(work=check_output_path(work, option="--work"), results=results_path,
                             eval_split=eval_split, device=device, data_config=data_config,

@@ -141,7 +141,8 @@ def test_paired_statistics_and_table_by_hand() -> None:
     script = _import_script()
 
     def record(variant: str, seed: int, nds: float) -> dict:
-        return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": nds, "map": nds / 2}
+        return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": nds, "map": nds / 2,
+                "per_class_ap": {"car": nds}, "tp_errors": dict.fromkeys(script.TP_ERRORS, 0.5)}
 
     records = [record("plain", 0, 0.30), record("plain", 1, 0.20), record("plain", 2, 0.25),
                record("stxd", 0, 0.35), record("stxd", 1, 0.26), record("stxd", 2, 0.24),
@@ -222,3 +223,36 @@ def test_a_grid_file_and_product_options_are_refused_together(tmp_path: Path) ->
                                               "--seeds", "0,1"])
     assert result.exit_code == 1 and "both name the runs; give one of them" in result.output
     assert not (tmp_path / "work").exists()
+
+
+def test_per_class_tables_pair_plain_and_stxd_by_seed(tmp_path: Path) -> None:
+    """The report's per-class AP, per-class TP errors and mean TP errors, by hand on two seeds; a TP error that a
+    seed lacks (no true positive) leaves that seed out of its cell; --report rewrites only the markdown."""
+    script = _import_script()
+
+    def record(variant: str, seed: int, car: float, cone: float, orient: float | None) -> dict:
+        errors = dict.fromkeys(("trans_err", "scale_err", "vel_err", "attr_err"), 0.5)
+        return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": car, "map": car,
+                "per_class_ap": {"car": car, "traffic_cone": cone},
+                "per_class": {"car": {**errors, "orient_err": orient}, "traffic_cone": {**errors, "orient_err": None}},
+                "tp_errors": {k: orient or 0.0 for k in script.TP_ERRORS}}
+
+    runs = [record("plain", 0, 0.40, 0.20, 0.50), record("plain", 1, 0.50, 0.10, 0.70),
+            record("stxd", 0, 0.46, 0.10, 0.30), record("stxd", 1, 0.60, 0.12, None), record("stxd", 2, 0.9, 0.9, 0.1)]
+    text = "\n".join(script.details(runs))
+    mean, half = 0.08, 12.706 * statistics.stdev([0.06, 0.10]) / math.sqrt(2)
+    assert "### s, 10 steps: plain against stxd, seeds 0,1" in text   # seed 2 has no plain: left out
+    assert f"| car | 0.450 | 0.530 | +0.080 [{mean - half:+.3f}, {mean + half:+.3f}] | 0.500 → 0.500 | " in text
+    # car's AOE: seed 1 of stxd has none, so the cell is seed 0 alone: 0.5 -> 0.3.
+    assert "| 0.500 → 0.300 | 0.500 → 0.500 | 0.500 → 0.500 |" in text
+    assert "| traffic_cone | 0.150 | 0.110 | -0.040 [" in text and "| – → – |" in text
+    assert "| mAOE | 0.600 | 0.150 | -0.450 [" in text
+
+    path = tmp_path / "gain.json"
+    saved = {"eval_split": "synth_test", "eval_frames": 4, "runs": runs, "commit": "abc", "dirty": False,
+             "device": "cpu", "schedule": {"runs": 5}}
+    path.write_text(json.dumps(saved))
+    result = CliRunner().invoke(script.main, ["--report", "--results", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.with_suffix(".md").read_text() == result.output and "| car | 0.450 | 0.530 |" in result.output
+    assert json.loads(path.read_text()) == saved
