@@ -400,6 +400,15 @@ def markdown(results: Mapping[str, Any]) -> str:
     if teacher:
         lines += ["", f"Teacher `{teacher['name']}` ({teacher['steps']} steps) on {split}: NDS {teacher['nds']:.4f}, "
                       f"mAP {teacher['map']:.4f}."]
+    runs = results["runs"]
+    if runs:
+        commits: dict[str, int] = {}
+        for r in runs:
+            commits[str(r.get("commit"))[:7]] = commits.get(str(r.get("commit"))[:7], 0) + 1
+        hours = sum(r.get("wall_seconds") or 0.0 for r in runs) / 3600
+        lines += ["", f"Runs by the commit of their fit: {', '.join(f'`{c}` {n}' for c, n in commits.items())}. Their "
+                      f"fits and scorings took {hours:.1f} h of wall clock summed over the runs "
+                      f"({schedule.get('parallel', 1)} at a time)."]
     summary = results["summary"]
     for student, steps in dict.fromkeys((r["student"], r["steps"]) for r in summary):
         rows = [r for r in summary if (r["student"], r["steps"]) == (student, steps)]
@@ -527,7 +536,7 @@ def run_protocol(p: Protocol, *, blocks: Sequence[Block], steps: int | None, ove
     print(f"schedule: {len(runs)} runs in {len(blocks)} block(s) ({'; '.join(b.describe() for b in blocks)}; each "
           f"seed-major) = {total} student steps ({', '.join(f'{s} {n}' for s, n in per_student.items())} steps per "
           f"run), each scored on {p.eval_split}; {len(pending)} to do, {len(runs) - len(pending)} already recorded "
-          f"at this commit; {parallel} at a time{f' with {threads} threads each' if threads else ''}; device "
+          f"at this commit; {parallel} at a time{f' with {threads} torch thread(s) each' if threads else ''}; device "
           f"{p.device} ({device_name})", flush=True)
     if pending:
         make_data(p)
@@ -537,8 +546,10 @@ def run_protocol(p: Protocol, *, blocks: Sequence[Block], steps: int | None, ove
     started = time.perf_counter()
 
     def one(i: int, run: Run) -> dict[str, Any]:
-        print(f"[{i}/{len(pending)}] {run.student} {run.variant} seed {run.seed}, {run.steps} steps: "
-              f"{run.spec.out}", flush=True)
+        # One write per line: print() writes the text and its newline separately, which runs in parallel interleave.
+        sys.stdout.write(f"[{i}/{len(pending)}] {run.student} {run.variant} seed {run.seed}, {run.steps} steps: "
+                         f"{run.spec.out}\n")
+        sys.stdout.flush()
         return run_one(p, run, device_name=device_name, source=source, threads=threads)
 
     failures: list[BaseException] = []

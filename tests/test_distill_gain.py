@@ -68,7 +68,7 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert ("schedule: 4 runs in 1 block(s) (tiny_bevformer x plain,stxd x seeds 0,1; each seed-major) = 8 student "
             f"steps (tiny_bevformer 2 steps per run), each scored on synth_test; 4 to do, 0 already recorded at this "
-            f"commit; 2 at a time with {threads} threads each") in first.stdout
+            f"commit; 2 at a time with {threads} torch thread(s) each") in first.stdout
 
     saved = json.loads(results.read_text())
     assert saved["eval_split"] == "synth_test" and saved["eval_frames"] == 4   # one scene of 4 keyframes
@@ -233,7 +233,7 @@ def test_per_class_tables_pair_plain_and_stxd_by_seed(tmp_path: Path) -> None:
     def record(variant: str, seed: int, car: float, cone: float, orient: float | None) -> dict:
         errors = dict.fromkeys(("trans_err", "scale_err", "vel_err", "attr_err"), 0.5)
         return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": car, "map": car,
-                "per_class_ap": {"car": car, "traffic_cone": cone},
+                "commit": "abc1234def", "wall_seconds": 720.0, "per_class_ap": {"car": car, "traffic_cone": cone},
                 "per_class": {"car": {**errors, "orient_err": orient}, "traffic_cone": {**errors, "orient_err": None}},
                 "tp_errors": {k: orient or 0.0 for k in script.TP_ERRORS}}
 
@@ -255,4 +255,5 @@ def test_per_class_tables_pair_plain_and_stxd_by_seed(tmp_path: Path) -> None:
     result = CliRunner().invoke(script.main, ["--report", "--results", str(path)])
     assert result.exit_code == 0, result.output
     assert path.with_suffix(".md").read_text() == result.output and "| car | 0.450 | 0.530 |" in result.output
+    assert "Runs by the commit of their fit: `abc1234` 5. Their fits and scorings took 1.0 h" in result.output
     assert json.loads(path.read_text()) == saved
