@@ -348,16 +348,21 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def by_group(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, dict[int, Mapping[str, Any]]]]:
+    """Records as {(student, steps): {variant: {seed: record}}}, in their order."""
+    groups: dict[tuple[str, int], dict[str, dict[int, Mapping[str, Any]]]] = {}
+    for r in records:
+        groups.setdefault((r["student"], r["steps"]), {}).setdefault(r["variant"], {})[r["seed"]] = r
+    return groups
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per student and schedule, each variant's NDS and mAP over seeds, and its paired difference to `plain` of the
     same seed (`stxd_train.stats.paired_summary`: mean, std, n, paired-t 95 % interval)."""
     from stxd_train.stats import paired_summary
 
-    groups: dict[tuple[str, int], dict[str, dict[int, Mapping[str, Any]]]] = {}
-    for r in records:
-        groups.setdefault((r["student"], r["steps"]), {}).setdefault(r["variant"], {})[r["seed"]] = r
     rows = []
-    for (student, steps), by_variant in groups.items():
+    for (student, steps), by_variant in by_group(records).items():
         reference = by_variant.get(REFERENCE)
         for variant in sorted(by_variant, key=list(VARIANTS).index):
             seeds = by_variant[variant]
@@ -445,10 +450,7 @@ def details(runs: Sequence[Mapping[str, Any]], variant: str = COMPARED) -> list[
     """Markdown lines: per student, `variant` against `plain` over their paired seeds, per class (mean AP and each TP
     error) and in the mean TP errors; means over those seeds, differences paired by seed with the 95 % interval."""
     lines: list[str] = []
-    groups: dict[tuple[str, int], dict[str, dict[int, Mapping[str, Any]]]] = {}
-    for r in runs:
-        groups.setdefault((r["student"], r["steps"]), {}).setdefault(r["variant"], {})[r["seed"]] = r
-    for (student, steps), by_variant in groups.items():
+    for (student, steps), by_variant in by_group(runs).items():
         ref, var = by_variant.get(REFERENCE, {}), by_variant.get(variant, {})
         seeds = sorted(ref.keys() & var.keys())
         if not seeds:
@@ -544,6 +546,7 @@ def run_protocol(p: Protocol, *, blocks: Sequence[Block], steps: int | None, ove
         results["teacher"] = train_teacher(p, data.version)
         extract_cache(p, data.version, list(data.splits))
     started = time.perf_counter()
+    order = {r.key: i for i, r in enumerate(runs)}   # the JSON keeps the grid's order, whichever run ends first
 
     def one(i: int, run: Run) -> dict[str, Any]:
         # One write per line: print() writes the text and its newline separately, which runs in parallel interleave.
@@ -566,7 +569,6 @@ def run_protocol(p: Protocol, *, blocks: Sequence[Block], steps: int | None, ove
                 for other in futures:
                     other.cancel()
                 continue
-            order = {r.key: i for i, r in enumerate(runs)}   # the grid's order, whichever run ends first
             results["runs"] = sorted([r for r in results["runs"] if record_key(r) != run.key] + [record],
                                      key=lambda r: order.get(record_key(r), len(order)))
             write_results(p.results, results)
