@@ -19,7 +19,9 @@ One command runs every stage, each resumable, so that the same command continues
 
 After each run the results JSON is rewritten atomically, with a markdown table beside it: per student, each
 variant's NDS and mAP (mean ± std over seeds) and its paired difference to `plain` of the same seed (mean and
-paired-t 95 % interval). A run already in the JSON at the current commit is skipped without opening its folder.
+paired-t 95 % interval); each step of the ablation (mse → cd, plain → cd → cd_td → stxd), paired the same way; and
+plain against stxd per class and in the TP errors. A run already in the JSON at the current commit is skipped
+without opening its folder.
 
 Defaults are chosen on synth_val (`--eval-split synth_val`); synth_test is scored only with them frozen.
 Run it from the repository root: the default config paths are relative to it.
@@ -65,6 +67,8 @@ CLASS_ERRORS = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
 CLASS_ERROR_NAMES = ("ATE", "ASE", "AOE", "AVE", "AAE")
 #: The variant that the per-class tables compare with `plain`.
 COMPARED = "stxd"
+#: The steps of the ablation, each paired by seed: what CD adds over MSE feature imitation, then each STXD term in turn.
+LADDER = (("mse", "cd"), ("plain", "cd"), ("cd", "cd_td"), ("cd_td", "stxd"))
 #: Teacher fields that a finished teacher may differ in without being another teacher.
 TEACHER_BOOKKEEPING = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
 #: The benchmark teacher's schedule: 8 epochs of batch 2 over synth_bench's 600 synth_train keyframes (the demo
@@ -422,6 +426,11 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_mean_std(r, 'nds')} | "
                   f"{_mean_std(r, 'map')} | {_delta(r, 'nds')} | {_delta(r, 'map')} |" for r in rows]
+    ablation = ladder(results["runs"])
+    if ablation:
+        lines += ["", "## The ablation, step by step", "",
+                  "Each step's difference is paired by seed over the seeds that both of its variants ran, with the "
+                  "paired-t 95 % interval.", *ablation]
     detail = details(results["runs"])
     if detail:
         lines += ["", f"## Per class and TP errors: {REFERENCE} against {COMPARED}", "",
@@ -430,7 +439,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired_cell(reference: Mapping[int, float | None], variant: Mapping[int, float | None]) -> tuple[str, str, str]:
+def _paired_cell(reference: Mapping[int, float | None], variant: Mapping[int, float | None],
+                 digits: int = 3) -> tuple[str, str, str]:
     """(reference mean, variant mean, paired difference [95 % interval]) over the seeds where both have a value."""
     from stxd_train.stats import paired_summary
 
@@ -440,10 +450,30 @@ def _paired_cell(reference: Mapping[int, float | None], variant: Mapping[int, fl
     ref = {s: float(reference[s]) for s in seeds}   # type: ignore[arg-type]
     var = {s: float(variant[s]) for s in seeds}   # type: ignore[arg-type]
     paired = paired_summary(ref, var)
-    interval = "" if math.isnan(paired["ci_low"]) else f" [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
+    d = digits
+    interval = "" if math.isnan(paired["ci_low"]) else f" [{paired['ci_low']:+.{d}f}, {paired['ci_high']:+.{d}f}]"
     missing = "" if len(seeds) == len(reference.keys() & variant.keys()) else f" (n = {len(seeds)})"
-    return (f"{statistics.fmean(ref.values()):.3f}", f"{statistics.fmean(var.values()):.3f}",
-            f"{paired['mean']:+.3f}{interval}{missing}")
+    return (f"{statistics.fmean(ref.values()):.{d}f}", f"{statistics.fmean(var.values()):.{d}f}",
+            f"{paired['mean']:+.{d}f}{interval}{missing}")
+
+
+def ladder(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per student, each step of `LADDER` whose two variants share seeds, as the paired difference in
+    NDS and mAP (mean [95 % interval]) over those seeds."""
+    lines: list[str] = []
+    for (student, steps), by_variant in by_group(runs).items():
+        rows = []
+        for before, after in LADDER:
+            a, b = by_variant.get(before, {}), by_variant.get(after, {})
+            seeds = sorted(a.keys() & b.keys())
+            if seeds:
+                cells = [_paired_cell({s: a[s][m] for s in seeds}, {s: b[s][m] for s in seeds}, digits=4)[2]
+                         for m in ("nds", "map")]
+                rows.append(f"| {before} → {after} | {','.join(map(str, seeds))} | {' | '.join(cells)} |")
+        if rows:
+            lines += ["", f"### {student}, {steps} steps", "", "| step | seeds | ΔNDS | ΔmAP |", "|---|---|---:|---:|",
+                      *rows]
+    return lines
 
 
 def details(runs: Sequence[Mapping[str, Any]], variant: str = COMPARED) -> list[str]:

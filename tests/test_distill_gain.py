@@ -257,3 +257,29 @@ def test_per_class_tables_pair_plain_and_stxd_by_seed(tmp_path: Path) -> None:
     assert path.with_suffix(".md").read_text() == result.output and "| car | 0.450 | 0.530 |" in result.output
     assert "Runs by the commit of their fit: `abc1234` 5. Their fits and scorings took 1.0 h" in result.output
     assert json.loads(path.read_text()) == saved
+
+
+def test_the_ablation_is_reported_step_by_step_paired_by_seed() -> None:
+    """Each step of the ladder pairs its two variants over the seeds both ran; a step with no shared seed, or a
+    variant not run, is left out."""
+    script = _import_script()
+
+    def record(variant: str, seed: int, nds: float, map_: float) -> dict:
+        return {"student": "s", "steps": 10, "variant": variant, "seed": seed, "nds": nds, "map": map_,
+                "per_class_ap": {"car": map_}, "per_class": None, "tp_errors": dict.fromkeys(script.TP_ERRORS, 0.5)}
+
+    runs = [record("plain", 0, 0.30, 0.20), record("plain", 1, 0.32, 0.22), record("plain", 2, 0.31, 0.21),
+            record("mse", 0, 0.31, 0.20), record("mse", 1, 0.30, 0.23),
+            record("cd", 0, 0.33, 0.24), record("cd", 1, 0.35, 0.24), record("cd", 2, 0.36, 0.25),
+            record("stxd", 0, 0.40, 0.30)]
+    text = "\n".join(script.ladder(runs))
+    t = 12.706   # the paired-t quantile for 1 degree of freedom
+    cd_minus_mse = [0.02, 0.05]
+    half = t * statistics.stdev(cd_minus_mse) / math.sqrt(2)
+    assert f"| mse → cd | 0,1 | {0.035:+.4f} [{0.035 - half:+.4f}, {0.035 + half:+.4f}] | +0.0250 [" in text
+    assert "| plain → cd | 0,1,2 | +0.0367 [" in text and "| +0.0333 [" in text
+    assert "cd_td" not in text   # cd_td was not run, so neither cd → cd_td nor cd_td → stxd has a row
+    assert text.index("mse → cd") < text.index("plain → cd")
+    results = {"eval_split": "synth_test", "eval_frames": 4, "runs": runs, "commit": "abc", "dirty": False,
+               "device": "cpu", "schedule": {"runs": 9}, "summary": script.summarize(runs)}
+    assert "## The ablation, step by step" in script.markdown(results)
