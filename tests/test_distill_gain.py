@@ -260,8 +260,8 @@ def test_per_class_tables_pair_plain_and_stxd_by_seed(tmp_path: Path) -> None:
 
 
 def test_the_ablation_is_reported_step_by_step_paired_by_seed() -> None:
-    """Each step of the ladder pairs its two variants over the seeds both ran; a step with no shared seed, or a
-    variant not run, is left out."""
+    """Each step of the ladder pairs its two variants over the seeds both ran; a step whose variants share no
+    seed is left out."""
     script = _import_script()
 
     def record(variant: str, seed: int, nds: float, map_: float) -> dict:
@@ -271,14 +271,12 @@ def test_the_ablation_is_reported_step_by_step_paired_by_seed() -> None:
     runs = [record("plain", 0, 0.30, 0.20), record("plain", 1, 0.32, 0.22), record("plain", 2, 0.31, 0.21),
             record("mse", 0, 0.31, 0.20), record("mse", 1, 0.30, 0.23),
             record("cd", 0, 0.33, 0.24), record("cd", 1, 0.35, 0.24), record("cd", 2, 0.36, 0.25),
-            record("stxd", 0, 0.40, 0.30)]
+            record("cd_td", 5, 0.37, 0.26), record("stxd", 0, 0.40, 0.30)]
     text = "\n".join(script.ladder(runs))
-    t = 12.706   # the paired-t quantile for 1 degree of freedom
-    cd_minus_mse = [0.02, 0.05]
-    half = t * statistics.stdev(cd_minus_mse) / math.sqrt(2)
+    half = T_975_1DOF * statistics.stdev([0.02, 0.05]) / math.sqrt(2)   # cd - mse on seeds 0 and 1
     assert f"| mse → cd | 0,1 | {0.035:+.4f} [{0.035 - half:+.4f}, {0.035 + half:+.4f}] | +0.0250 [" in text
     assert "| plain → cd | 0,1,2 | +0.0367 [" in text and "| +0.0333 [" in text
-    assert "cd_td" not in text   # cd_td was not run, so neither cd → cd_td nor cd_td → stxd has a row
+    assert "cd_td" not in text   # cd_td ran seed 5 alone, which neither cd nor stxd ran: no row for either step
     assert text.index("mse → cd") < text.index("plain → cd")
     results = {"eval_split": "synth_test", "eval_frames": 4, "runs": runs, "commit": "abc", "dirty": False,
                "device": "cpu", "schedule": {"runs": 9}, "summary": script.summarize(runs)}
