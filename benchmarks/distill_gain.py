@@ -227,6 +227,7 @@ def train_teacher(p: Protocol, version: str) -> dict[str, Any]:
     """Train the teacher unless `teacher.pt` is there (resuming from its last checkpoint), score it on the eval
     split once; returns its record."""
     from pipelines.config import read_yaml, to_dict
+    from stxd_cache.teacher.checkpoint import sha256_file
     from stxd_train.engine import RUN_KEYS, config_changes, load_run_config
     from stxd_train.engine.checkpoint import LAST_CHECKPOINT, checkpoint_dir
     from stxd_train.teacher import TeacherRunConfig
@@ -250,8 +251,25 @@ def train_teacher(p: Protocol, version: str) -> dict[str, Any]:
     if not metrics_path.is_file() or metrics_path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
         _call(_tool("stxd-train", "eval", "--run", run, "--split", p.eval_split, "--device", p.device))
     metrics = json.loads(metrics_path.read_text())
-    return {"run": str(run), "name": cfg.model.name, "steps": cfg.train.max_steps, "nds": metrics["NDS"],
-            "map": metrics["mAP"], "per_class_ap": metrics["per_class_AP"]}
+    return {"run": str(run), "name": cfg.model.name, "steps": cfg.train.max_steps, "sha256": sha256_file(weights),
+            "nds": metrics["NDS"], "map": metrics["mAP"], "per_class_ap": metrics["per_class_AP"]}
+
+
+def check_same_teacher(path: Path, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Refuse to add runs to a results file whose runs were distilled from another teacher: one file is one grid
+    against one teacher. Teachers are compared by checksum, or by their scores where the file predates checksums."""
+    if not recorded:
+        return
+    def identity(teacher: Mapping[str, Any]) -> str:
+        return (f"sha256 {teacher['sha256']}" if "sha256" in recorded
+                else f"NDS {teacher['nds']!r} and mAP {teacher['map']!r} on the split")
+
+    found, expected = identity(current), identity(recorded)
+    if found != expected:
+        raise ConfigError(f"{path} holds runs distilled from teacher {recorded.get('run')} ({expected}), but the "
+                          f"teacher in {current['run']} has {found}: a teacher trained again is another teacher. "
+                          "Pass another --results to start a grid against this teacher, or put the recorded "
+                          "teacher back in place")
 
 
 def extract_cache(p: Protocol, version: str, splits: Sequence[str]) -> None:
@@ -407,8 +425,9 @@ def markdown(results: Mapping[str, Any]) -> str:
              f"(variant minus {REFERENCE}), with the paired-t 95 % interval."]
     teacher = results.get("teacher")
     if teacher:
-        lines += ["", f"Teacher `{teacher['name']}` ({teacher['steps']} steps) on {split}: NDS {teacher['nds']:.4f}, "
-                      f"mAP {teacher['map']:.4f}."]
+        checksum = f", sha256 `{teacher['sha256'][:12]}`" if "sha256" in teacher else ""
+        lines += ["", f"Teacher `{teacher['name']}` ({teacher['steps']} steps{checksum}) on {split}: NDS "
+                      f"{teacher['nds']:.4f}, mAP {teacher['map']:.4f}."]
     runs = results["runs"]
     if runs:
         commits: dict[str, int] = {}
@@ -573,7 +592,9 @@ def run_protocol(p: Protocol, *, blocks: Sequence[Block], steps: int | None, ove
     if pending:
         make_data(p)
         results["eval_frames"] = split_frames(p.dataroot, data.version, p.eval_split)
-        results["teacher"] = train_teacher(p, data.version)
+        teacher = train_teacher(p, data.version)
+        check_same_teacher(p.results, results.get("teacher") if results["runs"] else None, teacher)
+        results["teacher"] = teacher
         extract_cache(p, data.version, list(data.splits))
     started = time.perf_counter()
     order = {r.key: i for i, r in enumerate(runs)}   # the JSON keeps the grid's order, whichever run ends first

@@ -3,6 +3,7 @@ two variants x two seeds of a tiny student for 2 steps), its results file, its p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -75,6 +76,7 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
     assert saved["schedule"]["runs"] == 4 and saved["schedule"]["student_steps"] == 8
     assert saved["schedule"]["parallel"] == 2
     assert saved["device"] and saved["teacher"]["steps"] == 2
+    assert saved["teacher"]["sha256"] == hashlib.sha256((work / "teacher" / "teacher.pt").read_bytes()).hexdigest()
     commit = source_revision()["commit"]
     # Seed-major: both variants of seed 0 before seed 1, so that a partial grid already pairs; the JSON keeps this
     # order whichever of the 2 runs at a time ends first.
@@ -135,6 +137,16 @@ def test_protocol_end_to_end_pairs_seeds_and_resumes(tmp_path: Path) -> None:
     assert "1 to do" in rebuilt.stdout and "stxd-train" not in rebuilt.stdout
     assert _file_times(work) == before and results.read_text() == text
 
+    # Runs distilled from another teacher (here: another checksum) are never mixed into one file.
+    saved = json.loads(text)
+    saved["runs"], saved["teacher"]["sha256"] = saved["runs"][:-1], "0" * 64
+    results.write_text(json.dumps(saved, indent=2) + "\n")
+    other = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert other.returncode == 1 and "stxd-train fit" not in other.stdout
+    assert f"holds runs distilled from teacher {work / 'teacher'} (sha256 {'0' * 64})" in other.stderr
+    assert f"has sha256 {hashlib.sha256((work / 'teacher' / 'teacher.pt').read_bytes()).hexdigest()}" in other.stderr
+    assert json.loads(results.read_text()) == saved and _file_times(work) == before
+
 
 def test_paired_statistics_and_table_by_hand() -> None:
     """Three seeds, and a variant missing a seed: differences pair by seed; the interval uses t(0.975, n - 1)."""
@@ -164,6 +176,27 @@ def test_paired_statistics_and_table_by_hand() -> None:
     assert "| stxd | 0,1,2 | 0.2833 ± 0.0586 | 0.1417 ± 0.0293 | +0.0333 [-0.0607, +0.1274] (n = 3) | " in table
     assert "| cd | 1 | 0.2200 | 0.1100 | +0.0200 (n = 1) |" in table
     assert "7 of 9 runs recorded" in table
+
+
+@pytest.mark.parametrize(("recorded", "current", "refused"), [
+    ({"sha256": "a" * 64, "nds": 0.5, "map": 0.4}, {"sha256": "a" * 64, "nds": 0.5, "map": 0.4}, None),
+    ({"sha256": "a" * 64, "nds": 0.5, "map": 0.4}, {"sha256": "b" * 64, "nds": 0.5, "map": 0.4},
+     f"(sha256 {'a' * 64}), but the teacher in new/teacher has sha256 {'b' * 64}"),
+    # A file written before teachers were checksummed: the teacher's scores on the split tell them apart.
+    ({"nds": 0.5, "map": 0.4}, {"sha256": "b" * 64, "nds": 0.5, "map": 0.4}, None),
+    ({"nds": 0.5, "map": 0.4}, {"sha256": "b" * 64, "nds": 0.51, "map": 0.4},
+     "(NDS 0.5 and mAP 0.4 on the split), but the teacher in new/teacher has NDS 0.51 and mAP 0.4 on the split"),
+])
+def test_runs_from_another_teacher_are_refused(recorded: dict, current: dict, refused: str | None) -> None:
+    script = _import_script()
+    recorded, current = {"run": "old/teacher", **recorded}, {"run": "new/teacher", **current}
+    if refused is None:
+        script.check_same_teacher(Path("gain.json"), recorded, current)
+        return
+    with pytest.raises(ConfigError) as caught:
+        script.check_same_teacher(Path("gain.json"), recorded, current)
+    assert str(caught.value).startswith("gain.json holds runs distilled from teacher old/teacher ")
+    assert refused in str(caught.value) and "Pass another --results" in str(caught.value)
 
 
 def test_refuses_an_eval_split_that_the_dataset_does_not_write(tmp_path: Path) -> None:
