@@ -87,8 +87,8 @@ bench: venv
 # 10 val, 20 held-out test scenes), the teacher and its cache, then the grid of benchmarks/distill_gain_grid.yaml
 # (36 fits of 800 steps: bevformer_synth plain and STXD on 8 seeds, mse, cd and cd_td on 4 of them, uvtr_synth
 # plain and STXD on 4), each scored on synth_test; results in benchmarks/results/distill_gain.json and .md.
-# Resumable: after a kill, run it again. On 2 CPU cores: the dataset 25 min, the teacher about 90 min, the grid
-# planned at about 10 hours with 2 runs at a time. On a GPU: make distill-gain DISTILL_GAIN_ARGS="--device cuda".
+# Resumable: after a kill, run it again. On 2 CPU cores (as the host varies): the dataset 8-25 min, the teacher
+# 40-90 min, the grid 8-10 hours with 2 runs at a time. On a GPU: make distill-gain DISTILL_GAIN_ARGS="--device cuda".
 DISTILL_GAIN_ARGS ?= --parallel 2
 DISTILL_GAIN_OUT ?= out/distill_gain
 .PHONY: distill-gain

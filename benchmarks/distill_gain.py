@@ -72,8 +72,8 @@ LADDER = (("mse", "cd"), ("plain", "cd"), ("cd", "cd_td"), ("cd_td", "stxd"))
 #: Teacher fields that a finished teacher may differ in without being another teacher.
 TEACHER_BOOKKEEPING = frozenset({"train.checkpoint_every", "train.log_every", "data.num_workers"})
 #: The benchmark teacher's schedule: 8 epochs of batch 2 over synth_bench's 600 synth_train keyframes (the demo
-#: teacher's 650 steps are 8 epochs of the demo's 160). A step on synth_bench took 2.2 s (median of the logged
-#: steps) on the 2-core development machine, so about 90 minutes.
+#: teacher's 650 steps are 8 epochs of the demo's 160). A step on synth_bench took a median of 2.1 s on one 2-core
+#: machine and 0.96 s on another: 40 to 90 minutes.
 TEACHER_STEPS = 2400
 AGAIN = "run the same benchmarks/distill_gain.py command again: it resumes"
 
